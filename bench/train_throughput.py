@@ -1,0 +1,117 @@
+"""Sequences per second of one full optimisation step: ours vs a three-pass step.
+
+Ours (``CDSVAE.forward``) encodes the frames of x and of the motion view in one pass, gets s of
+the content view by re-running only the sequence model over permuted frame features, and never
+decodes an augmented view. The three-pass step is what the released code does: the whole model
+(encode, posterior, prior, decode) once for x, once for the content view and once for the motion
+view, then the same objective. Both steps compute the augmentations on the fly from the same
+functions, both run forward + backward + Adam, both on the same model.
+
+    python bench/train_throughput.py                    # paper Sprites config, batch 32, CPU
+    python bench/train_throughput.py --batch 128 --device cuda
+
+Prints one JSON line per step kind and the ratio; run both in one process so they share the
+machine's state.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import torch
+
+import cdsvae
+
+
+def three_pass_loss(model: cdsvae.CDSVAE, x: torch.Tensor) -> torch.Tensor:
+    """The straightforward step: the full model once per view (three encodes, three decodes)."""
+    cfg = model.cfg
+    B, T = x.shape[:2]
+    order = cdsvae.content_order(B, T, device=x.device)
+    content_view = torch.stack([x[b, order[b]] for b in range(B)])
+    motion_view = cdsvae.motion_augment(x)
+
+    def full_model(view):
+        features = model.encode_frames(view)
+        static_mean, static_logvar = model.static_posterior(features)
+        static = cdsvae.reparameterize(static_mean, static_logvar, torch.randn_like(static_mean))
+        eps = torch.randn(B, T, cfg.dynamic_dim, device=x.device)
+        dynamic, dynamic_mean, dynamic_logvar = model.dynamic_posterior(features, eps)
+        prior_mean, prior_logvar = model.dynamic_prior(dynamic)
+        recon = model.decode(static, dynamic)
+        return (static, static_mean, static_logvar, dynamic, dynamic_mean, dynamic_logvar,
+                prior_mean, prior_logvar, recon)
+
+    (static, static_mean, static_logvar, dynamic, dynamic_mean, dynamic_logvar,
+     prior_mean, prior_logvar, recon) = full_model(x)
+    static_content_mean = full_model(content_view)[1]
+    motion_mean = full_model(motion_view)[4]
+    recon_term = (recon - x).pow(2).sum() / B
+    kl_s = cdsvae.gaussian_kl(static_mean, static_logvar, torch.zeros_like(static_mean),
+                              torch.zeros_like(static_logvar)).sum() / B
+    kl_z = cdsvae.gaussian_kl(dynamic_mean, dynamic_logvar, prior_mean, prior_logvar).sum() / B
+    mi_sx = cdsvae.contrastive_mi(static_mean, static_content_mean, cfg.tau)
+    mi_zx = cdsvae.contrastive_mi(dynamic_mean.flatten(1), motion_mean.flatten(1), cfg.tau)
+    mi_zs = cdsvae.mws_mi_zs(static, static_mean, static_logvar, dynamic, dynamic_mean,
+                             dynamic_logvar, cfg.dataset_size)
+    return recon_term + cfg.alpha * (kl_s + kl_z) - cfg.beta * (mi_sx + mi_zx) + cfg.gamma * mi_zs
+
+
+def time_steps(model, optimizer, x, loss_fn, steps: int, warmup: int, device) -> float:
+    def step():
+        loss = loss_fn(x)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - started) / steps
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2, help="alternate the two steps this often")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    # The paper's Sprites configuration: 8 frames of 3x64x64, s 256, z 32, frame feature 128,
+    # LSTM 256, conv width 64.
+    cfg = cdsvae.Config(frame_shape=(3, 64, 64), frames=8, static_dim=256, dynamic_dim=32,
+                        feature_dim=128, hidden_dim=256, conv_width=64)
+    model = cdsvae.CDSVAE(cfg).to(device).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x = torch.rand(args.batch, 8, 3, 64, 64, device=device)
+
+    ours_loss = lambda batch: model(batch)[0]  # noqa: E731
+    three_pass = lambda batch: three_pass_loss(model, batch)  # noqa: E731
+    timings = {"ours": [], "three_pass": []}
+    for _ in range(args.rounds):   # interleave, so drift in machine load hits both alike
+        timings["ours"].append(time_steps(model, optimizer, x, ours_loss, args.steps, args.warmup, device))
+        timings["three_pass"].append(time_steps(model, optimizer, x, three_pass, args.steps, args.warmup, device))
+    best = {name: min(values) for name, values in timings.items()}
+    machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
+               else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    for name, seconds in best.items():
+        print(json.dumps({"step": name, "batch": args.batch, "seconds_per_step": round(seconds, 4),
+                          "sequences_per_second": round(args.batch / seconds, 2)}))
+    print(json.dumps({"speedup_ours_over_three_pass": round(best["three_pass"] / best["ours"], 2),
+                      "device": machine, "torch": torch.__version__}))
+
+
+if __name__ == "__main__":
+    main()

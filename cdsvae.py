@@ -1,0 +1,1055 @@
+"""C-DSVAE: Contrastively Disentangled Sequential Variational Autoencoder.
+
+Bai, Wang & Gomes, NeurIPS 2021. One file, readable top to bottom:
+
+    1. Config
+    2. The objective's pieces: Gaussian KL, the contrastive estimate (eq. 7-8), MWS estimates
+    3. Augmentations: content (frame order) and motion (appearance)
+    4. The model: eq. (1) prior and decoder, eq. (2) posterior, eq. (6) loss in `forward`
+    5. Using a trained model: encode, decode, swap, generate
+    6. Data, training loop, latent probe, checkpoints
+    7. The command line (Typer): train, encode, swap, sample
+
+A sequence is ``x_1:T``. ``s`` is the static latent (who), ``z_1:T`` the dynamic latents (what
+happens). Video frames are float tensors ``(B, T, C, H, W)`` in [0, 1]; feature frames (e.g.
+spectrogram frames) are ``(B, T, D)``.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import NamedTuple, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------------
+# 1. Config
+
+
+@dataclass
+class Config:
+    # data
+    frame_shape: tuple = (3, 32, 32)  # (C, H, W) video frames, or (D,) feature frames
+    frames: int = 8                   # T used for sampling; training takes the data's T
+    # architecture
+    static_dim: int = 256             # s
+    dynamic_dim: int = 32             # z_t
+    feature_dim: int = 128            # frame encoder output
+    hidden_dim: int = 256             # LSTM width
+    conv_width: int = 64              # DCGAN base width (video frames)
+    mlp_width: int = 256              # MLP encoder/decoder width (feature frames)
+    # objective, eq. (6)
+    alpha: float = 1.0                # weight of KL_s + KL_z
+    beta: float = 10.0                # weight of I(s;x) + I(z;x)
+    gamma: float = 1.0                # weight of I(z;s)
+    tau: float = 0.5                  # temperature of the contrastive estimate, eq. (7)
+    mi: str = "contrastive"           # "contrastive" (eq. 7-8), "mws" (App. F), "off" (DSVAE)
+    content_aug: bool = True          # off: I(s;x) by MWS instead of contrastive
+    motion_aug: bool = True           # off: I(z;x) by MWS instead of contrastive
+    dataset_size: int = 9000          # N in the MWS estimate of q(s), q(z)
+    # optimisation
+    lr: float = 1e-3
+    batch_size: int = 128
+    epochs: int = 100
+    seed: int = 0
+
+    @property
+    def is_video(self) -> bool:
+        return len(self.frame_shape) == 3
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "Config":
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown config keys {sorted(unknown)}")
+        cfg = cls(**values)
+        cfg.frame_shape = tuple(int(v) for v in cfg.frame_shape)
+        return cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. The objective's pieces
+
+
+def reparameterize(mean: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """z = mean + sigma * eps, the reparameterization trick."""
+    return mean + torch.exp(0.5 * logvar) * eps
+
+
+def gaussian_kl(mean_q, logvar_q, mean_p, logvar_p) -> torch.Tensor:
+    """Elementwise KL( N(mean_q, var_q) || N(mean_p, var_p) ), closed form."""
+    return 0.5 * (logvar_p - logvar_q
+                  + (torch.exp(logvar_q) + (mean_q - mean_p) ** 2) * torch.exp(-logvar_p) - 1.0)
+
+
+def log_gaussian(x, mean, logvar) -> torch.Tensor:
+    """Elementwise log N(x; mean, exp(logvar))."""
+    return -0.5 * (math.log(2 * math.pi) + logvar + (x - mean) ** 2 * torch.exp(-logvar))
+
+
+def contrastive_mi(anchor: torch.Tensor, positive: torch.Tensor, tau: float) -> torch.Tensor:
+    """Contrastive estimate of I(.;x), eq. (7), made symmetric over the two views as in eq. (8).
+
+    Row i of ``anchor`` and row i of ``positive`` are two views of sequence i. Over the 2B rows of
+    both views, each row's positive is its other view and its negatives are the other 2B - 2
+    rows; similarity is the cosine over ``tau``. Returns the InfoNCE lower bound
+    ``log(2B - 1) + mean_i log softmax_i(positive)``, a scalar to be maximised.
+    """
+    batch = anchor.shape[0]
+    rows = F.normalize(torch.cat([anchor, positive]).float(), dim=1)
+    logits = rows @ rows.T / tau
+    self_mask = torch.eye(2 * batch, dtype=torch.bool, device=rows.device)
+    logits = logits.masked_fill(self_mask, float("-inf"))
+    partner = torch.cat([torch.arange(batch, 2 * batch), torch.arange(batch)]).to(rows.device)
+    log_prob_positive = logits[torch.arange(2 * batch, device=rows.device), partner] \
+        - torch.logsumexp(logits, dim=1)
+    return math.log(max(2 * batch - 1, 1)) + log_prob_positive.mean()
+
+
+def _pairwise_log_density(sample, mean, logvar) -> torch.Tensor:
+    """log q(sample_i | x_j) for all pairs: (B, *, D) inputs -> (B, B, *), summed over D."""
+    return log_gaussian(sample.unsqueeze(1), mean.unsqueeze(0), logvar.unsqueeze(0)).sum(-1)
+
+
+def mws_mi_x(sample, mean, logvar, dataset_size: int) -> torch.Tensor:
+    """Minibatch-weighted-sampling estimate of I(v;x) = E[log q(v|x) - log q(v)] (App. F).
+
+    log q(v_i) ~= logsumexp_j log q(v_i | x_j) - log(B N). Inputs ``(B, D)`` or ``(B, T, D)``
+    (then the per-step estimates are averaged over t).
+    """
+    batch = sample.shape[0]
+    pairwise = _pairwise_log_density(sample, mean, logvar)
+    log_conditional = torch.diagonal(pairwise, dim1=0, dim2=1)          # (*, B)
+    log_marginal = torch.logsumexp(pairwise, dim=1) - math.log(batch * dataset_size)
+    return (log_conditional.movedim(-1, 0) - log_marginal).mean()
+
+
+def mws_mi_zs(static, static_mean, static_logvar, dynamic, dynamic_mean, dynamic_logvar,
+              dataset_size: int) -> torch.Tensor:
+    """MWS estimate of I(z;s) = E_t E[log q(z_t, s) - log q(z_t) - log q(s)], eq. (6)'s last term.
+
+    ``static`` is (B, Ds), ``dynamic`` (B, T, Dz). Each log q(.) is a logsumexp over the
+    minibatch minus log(B N), with q(z_t, s | x_j) = q(z_t | x_j) q(s | x_j).
+    """
+    batch = static.shape[0]
+    log_norm = math.log(batch * dataset_size)
+    pair_static = _pairwise_log_density(static, static_mean, static_logvar)         # (B, B)
+    pair_dynamic = _pairwise_log_density(dynamic, dynamic_mean, dynamic_logvar)     # (B, B, T)
+    log_q_static = torch.logsumexp(pair_static, dim=1) - log_norm                   # (B,)
+    log_q_dynamic = torch.logsumexp(pair_dynamic, dim=1) - log_norm                 # (B, T)
+    log_q_joint = torch.logsumexp(pair_static.unsqueeze(-1) + pair_dynamic, dim=1) - log_norm
+    return (log_q_joint - log_q_dynamic - log_q_static.unsqueeze(-1)).mean()
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Augmentations (sec. 3.2): computed on the fly, on the training device
+
+
+def content_order(batch: int, frames: int, device=None, generator=None) -> torch.Tensor:
+    """Content augmentation: per sequence, a random shuffle or the reversal of the frame order.
+    The static factor must not change under it. Returns ``(batch, frames)`` frame indices."""
+    shuffled = torch.rand(batch, frames, generator=generator, device=device).argsort(dim=1)
+    reversed_order = torch.arange(frames - 1, -1, -1, device=device).expand(batch, frames)
+    reverse = torch.rand(batch, 1, generator=generator, device=device) < 0.5
+    return torch.where(reverse, reversed_order, shuffled)
+
+
+class MotionParams(NamedTuple):
+    """One random draw per sequence of the video motion augmentation."""
+    affine: torch.Tensor      # (B, 2, 3) crop-and-resize / reshape, as an affine sampling grid
+    brightness: torch.Tensor  # (B,)
+    contrast: torch.Tensor    # (B,)
+    saturation: torch.Tensor  # (B,)
+    channels: torch.Tensor    # (B, C) channel permutation (a hue change for RGB)
+    blur_sigma: torch.Tensor  # (B,) Gaussian blur width in pixels, 0 = no blur
+
+
+def draw_motion_params(batch: int, channels: int, device=None, generator=None) -> MotionParams:
+    def uniform(low, high, *shape):
+        return low + (high - low) * torch.rand(*shape, generator=generator, device=device)
+
+    scale_x, scale_y = uniform(0.6, 1.25, batch), uniform(0.6, 1.25, batch)  # <1 crop, >1 shrink
+    shift_x = uniform(-1, 1, batch) * (1 - scale_x).abs()
+    shift_y = uniform(-1, 1, batch) * (1 - scale_y).abs()
+    zeros = torch.zeros(batch, device=device)
+    affine = torch.stack([torch.stack([scale_x, zeros, shift_x], 1),
+                          torch.stack([zeros, scale_y, shift_y], 1)], 1)
+    permute = torch.rand(batch, 1, generator=generator, device=device) < 0.8
+    random_perm = torch.rand(batch, channels, generator=generator, device=device).argsort(1)
+    identity = torch.arange(channels, device=device).expand(batch, channels)
+    blur = torch.rand(batch, generator=generator, device=device) < 0.5
+    return MotionParams(
+        affine=affine,
+        brightness=uniform(0.6, 1.4, batch),
+        contrast=uniform(0.6, 1.4, batch),
+        saturation=uniform(0.0, 1.6, batch),
+        channels=torch.where(permute, random_perm, identity),
+        blur_sigma=torch.where(blur, uniform(0.5, 1.5, batch), zeros),
+    )
+
+
+def _gaussian_blur(frames: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Blur ``(B, T, C, H, W)`` with one separable Gaussian per sequence (sigma 0 = identity)."""
+    B, T, C, H, W = frames.shape
+    radius = max(1, min(H, W) // 16)
+    offsets = torch.arange(-radius, radius + 1, device=frames.device, dtype=frames.dtype)
+    safe_sigma = sigma.clamp_min(1e-3).to(frames.dtype)[:, None]
+    kernel = torch.exp(-0.5 * (offsets[None] / safe_sigma) ** 2)
+    kernel = torch.where(sigma[:, None] > 0, kernel, (offsets[None] == 0).to(frames.dtype))
+    kernel = kernel / kernel.sum(1, keepdim=True)                          # (B, K)
+    kernel = kernel.repeat_interleave(T * C, dim=0)                        # one per channel
+    flat = frames.reshape(1, B * T * C, H, W)
+    flat = F.conv2d(F.pad(flat, (radius, radius, 0, 0), mode="replicate"),
+                    kernel[:, None, None, :], groups=B * T * C)
+    flat = F.conv2d(F.pad(flat, (0, 0, radius, radius), mode="replicate"),
+                    kernel[:, None, :, None], groups=B * T * C)
+    return flat.reshape(B, T, C, H, W)
+
+
+def apply_motion_params(x: torch.Tensor, params: MotionParams) -> torch.Tensor:
+    """Motion augmentation of video ``(B, T, C, H, W)``: the same crop/reshape, colour distortion
+    and blur on every frame of a sequence, so the motion is kept and the appearance changes."""
+    B, T, C, H, W = x.shape
+    per_seq = lambda v: v.view(B, 1, 1, 1, 1).to(x.dtype)  # noqa: E731
+    affine = params.affine.to(x.dtype).repeat_interleave(T, dim=0)
+    grid = F.affine_grid(affine, [B * T, C, H, W], align_corners=False)
+    out = F.grid_sample(x.reshape(B * T, C, H, W), grid, mode="bilinear",
+                        padding_mode="zeros", align_corners=False).view(B, T, C, H, W)
+    out = torch.gather(out, 2, params.channels.view(B, 1, C, 1, 1).expand(B, T, C, H, W))
+    out = out * per_seq(params.brightness)
+    out = (out - 0.5) * per_seq(params.contrast) + 0.5          # contrast about mid-grey
+    if C == 3:
+        gray = out.mean(dim=2, keepdim=True)
+        out = (out - gray) * per_seq(params.saturation) + gray
+    out = _gaussian_blur(out, params.blur_sigma)
+    return out.clamp(0.0, 1.0)
+
+
+def motion_augment(x: torch.Tensor, generator=None) -> torch.Tensor:
+    """Video motion augmentation with a fresh random draw per sequence."""
+    params = draw_motion_params(x.shape[0], x.shape[2], device=x.device, generator=generator)
+    return apply_motion_params(x, params)
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. The model
+
+
+class ConvFrameEncoder(nn.Module):
+    """DCGAN-style frame encoder: 4x4 stride-2 convs with BatchNorm and LeakyReLU(0.2) down to
+    4x4, then a 4x4 conv to the frame feature."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        channels, size = cfg.frame_shape[0], cfg.frame_shape[1]
+        layers, width_in, width = [], channels, cfg.conv_width
+        for i in range(int(math.log2(size)) - 2):
+            layers += [nn.Conv2d(width_in, width, 4, 2, 1, bias=False)]
+            layers += [nn.BatchNorm2d(width)] if i > 0 else []
+            layers += [nn.LeakyReLU(0.2)]
+            width_in, width = width, width * 2
+        layers += [nn.Conv2d(width_in, cfg.feature_dim, 4, 1, 0, bias=False),
+                   nn.BatchNorm2d(cfg.feature_dim), nn.Tanh()]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, frames):                                  # (N, C, H, W) -> (N, F)
+        return self.net(frames).flatten(1)
+
+
+class ConvFrameDecoder(nn.Module):
+    """Mirror of the encoder: transposed convs up from 1x1 to the frame, sigmoid output."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        channels, size = cfg.frame_shape[0], cfg.frame_shape[1]
+        n_up = int(math.log2(size)) - 2
+        width = cfg.conv_width * 2 ** (n_up - 1)
+        layers = [nn.ConvTranspose2d(cfg.static_dim + cfg.dynamic_dim, width, 4, 1, 0, bias=False),
+                  nn.BatchNorm2d(width), nn.LeakyReLU(0.2)]
+        for _ in range(n_up - 1):
+            layers += [nn.ConvTranspose2d(width, width // 2, 4, 2, 1, bias=False),
+                       nn.BatchNorm2d(width // 2), nn.LeakyReLU(0.2)]
+            width //= 2
+        layers += [nn.ConvTranspose2d(width, channels, 4, 2, 1), nn.Sigmoid()]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, latent):                                  # (N, Ds + Dz) -> (N, C, H, W)
+        return self.net(latent[:, :, None, None])
+
+
+class MlpFrameEncoder(nn.Module):
+    """Frame encoder for feature-vector frames (e.g. spectrogram frames)."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(cfg.frame_shape[0], cfg.mlp_width), nn.LeakyReLU(0.2),
+                                 nn.Linear(cfg.mlp_width, cfg.feature_dim), nn.Tanh())
+
+    def forward(self, frames):
+        return self.net(frames)
+
+
+class MlpFrameDecoder(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(cfg.static_dim + cfg.dynamic_dim, cfg.mlp_width),
+                                 nn.LeakyReLU(0.2), nn.Linear(cfg.mlp_width, cfg.frame_shape[0]))
+
+    def forward(self, latent):
+        return self.net(latent)
+
+
+class StaticPosterior(nn.Module):
+    """q(s | x_1:T), eq. (2): a bidirectional LSTM over the frame features; its last forward and
+    first backward states give the Gaussian's mean and log-variance."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.lstm = nn.LSTM(cfg.feature_dim, cfg.hidden_dim, batch_first=True, bidirectional=True)
+        self.head = nn.Linear(2 * cfg.hidden_dim, 2 * cfg.static_dim)
+
+    def forward(self, features):                                # (B, T, F) -> 2 x (B, Ds)
+        out, _ = self.lstm(features)
+        hidden = self.lstm.hidden_size
+        summary = torch.cat([out[:, -1, :hidden], out[:, 0, hidden:]], dim=1)
+        return self.head(summary).chunk(2, dim=1)
+
+
+def lstm_sample_rollout(input_gates, recurrent_weight, head_weight, head_bias, eps):
+    """An LSTM whose every step samples a Gaussian latent that feeds the next step.
+
+    ``input_gates`` (B, T, 4H) is the precomputed input projection W_x x_t + b; the recurrent
+    input of step t is [z_{t-1}, h_{t-1}] (z_0 = 0, h_0 = c_0 = 0) through ``recurrent_weight``
+    (4H, Dz + H); the head (2 Dz, H) gives mean and log-variance; z_t = mean + exp(logvar/2) eps_t.
+    Gate order i, f, g, o as in ``torch.nn.LSTM``. Returns (z, mean, logvar), each (B, T, Dz).
+    This is the PyTorch reference of the fused kernel in ``kernels/``.
+    """
+    batch, frames, _ = input_gates.shape
+    hidden = recurrent_weight.shape[0] // 4
+    latent = head_weight.shape[0] // 2
+    z = input_gates.new_zeros(batch, latent)
+    h = input_gates.new_zeros(batch, hidden)
+    c = input_gates.new_zeros(batch, hidden)
+    samples, means, logvars = [], [], []
+    for t in range(frames):
+        gates = input_gates[:, t] + torch.cat([z, h], dim=1) @ recurrent_weight.T
+        i, f, g, o = gates.chunk(4, dim=1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        mean, logvar = (h @ head_weight.T + head_bias).chunk(2, dim=1)
+        z = reparameterize(mean, logvar, eps[:, t])
+        samples.append(z), means.append(mean), logvars.append(logvar)
+    return torch.stack(samples, 1), torch.stack(means, 1), torch.stack(logvars, 1)
+
+
+class DynamicPosterior(nn.Module):
+    """q(z_t | z_<t, x_<=t), eq. (2): a uni-directional LSTM whose step input is the frame feature
+    and the previously sampled z, sampled at every step with the reparameterization trick."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.input_proj = nn.Linear(cfg.feature_dim, 4 * cfg.hidden_dim)
+        self.recurrent = nn.Linear(cfg.dynamic_dim + cfg.hidden_dim, 4 * cfg.hidden_dim, bias=False)
+        self.head = nn.Linear(cfg.hidden_dim, 2 * cfg.dynamic_dim)
+
+    def forward(self, features, eps):                           # (B, T, F) -> 3 x (B, T, Dz)
+        return lstm_sample_rollout(self.input_proj(features), self.recurrent.weight,
+                                   self.head.weight, self.head.bias, eps)
+
+
+class DynamicPrior(nn.Module):
+    """p(z_t | z_<t), eq. (1): a 2-layer LSTM fed the previous z (z_0 = 0) gives a Gaussian."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.lstm = nn.LSTM(cfg.dynamic_dim, cfg.hidden_dim, num_layers=2, batch_first=True)
+        self.head = nn.Linear(cfg.hidden_dim, 2 * cfg.dynamic_dim)
+
+    def forward(self, dynamic):
+        """Teacher forcing: p(z_t | z_<t) for t = 1..T given a trajectory (B, T, Dz)."""
+        previous = F.pad(dynamic[:, :-1], (0, 0, 1, 0))
+        out, _ = self.lstm(previous)
+        return self.head(out).chunk(2, dim=-1)
+
+    def sample(self, batch: int, frames: int, eps: torch.Tensor) -> torch.Tensor:
+        """Generation: the prior fed its own samples. ``eps`` is (batch, frames, Dz)."""
+        z = eps.new_zeros(batch, 1, self.head.out_features // 2)
+        state, samples = None, []
+        for t in range(frames):
+            out, state = self.lstm(z, state)
+            mean, logvar = self.head(out).chunk(2, dim=-1)
+            z = reparameterize(mean, logvar, eps[:, t:t + 1])
+            samples.append(z)
+        return torch.cat(samples, dim=1)
+
+
+class Encoding(NamedTuple):
+    static: torch.Tensor           # (B, Ds): a sample of q(s|x), or its mean
+    dynamic: torch.Tensor          # (B, T, Dz): a trajectory of q(z|x), or the mean rollout
+    static_mean: torch.Tensor
+    static_logvar: torch.Tensor
+    dynamic_mean: torch.Tensor
+    dynamic_logvar: torch.Tensor
+
+
+class CDSVAE(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        self.frame_encoder = ConvFrameEncoder(cfg) if cfg.is_video else MlpFrameEncoder(cfg)
+        self.frame_decoder = ConvFrameDecoder(cfg) if cfg.is_video else MlpFrameDecoder(cfg)
+        self.static_posterior = StaticPosterior(cfg)
+        self.dynamic_posterior = DynamicPosterior(cfg)
+        self.dynamic_prior = DynamicPrior(cfg)
+
+    def encode_frames(self, x):
+        """Frame features (B, T, F): every frame is encoded on its own."""
+        B, T = x.shape[:2]
+        return self.frame_encoder(x.flatten(0, 1)).view(B, T, -1)
+
+    def decode(self, static, dynamic):
+        """p(x_t | z_t, s), eq. (1): the decoder sees [s, z_t] for every frame."""
+        B, T = dynamic.shape[:2]
+        latent = torch.cat([static.unsqueeze(1).expand(B, T, -1), dynamic], dim=-1)
+        return self.frame_decoder(latent.flatten(0, 1)).view(B, T, *self.cfg.frame_shape)
+
+    def encode(self, x, sample: bool = False, generator=None) -> Encoding:
+        """Posterior of a batch. ``sample=False``: the means, with the dynamic rollout fed its
+        own means (eps = 0); ``sample=True``: s ~ q(s|x) and z_1:T sampled step by step."""
+        features = self.encode_frames(x)
+        static_mean, static_logvar = self.static_posterior(features)
+        shape = (*features.shape[:2], self.cfg.dynamic_dim)
+        if sample:
+            eps = torch.randn(shape, generator=generator, device=x.device)
+            static_eps = torch.randn(static_mean.shape, generator=generator, device=x.device)
+        else:
+            eps, static_eps = features.new_zeros(shape), torch.zeros_like(static_mean)
+        dynamic, dynamic_mean, dynamic_logvar = self.dynamic_posterior(features, eps)
+        static = reparameterize(static_mean, static_logvar, static_eps)
+        return Encoding(static, dynamic, static_mean, static_logvar, dynamic_mean, dynamic_logvar)
+
+    def forward(self, x, motion_view: Optional[torch.Tensor] = None):
+        """The negative of eq. (6) for a batch: returns (loss, dict of every term).
+
+        ``motion_view`` is the motion-augmented view of ``x``; video computes its own when it is
+        not given, feature frames (audio) bring theirs from data preparation.
+        """
+        cfg = self.cfg
+        B, T = x.shape[:2]
+        contrastive = cfg.mi == "contrastive"
+        use_content = contrastive and cfg.content_aug
+        use_motion = contrastive and cfg.motion_aug and (cfg.is_video or motion_view is not None)
+        if use_motion and motion_view is None:
+            motion_view = motion_augment(x)
+
+        # The frame encoder runs once over the frames of x and of the motion view together.
+        features = self.encode_frames(torch.cat([x, motion_view]) if use_motion else x)
+        features, motion_features = features[:B], features[B:]
+
+        # Posterior, eq. (2), sampled with the reparameterization trick.
+        static_mean, static_logvar = self.static_posterior(features)
+        static = reparameterize(static_mean, static_logvar, torch.randn_like(static_mean))
+        eps = features.new_empty(B, T, cfg.dynamic_dim).normal_()
+        dynamic, dynamic_mean, dynamic_logvar = self.dynamic_posterior(features, eps)
+        # Prior p(z_t | z_<t), eq. (1), teacher-forced with the posterior samples.
+        prior_mean, prior_logvar = self.dynamic_prior(dynamic)
+        recon = self.decode(static, dynamic)
+
+        terms = {
+            "recon": (recon - x).pow(2).sum() / B,
+            "kl_s": gaussian_kl(static_mean, static_logvar,
+                                torch.zeros_like(static_mean), torch.zeros_like(static_logvar)).sum() / B,
+            "kl_z": gaussian_kl(dynamic_mean, dynamic_logvar, prior_mean, prior_logvar).sum() / B,
+        }
+        # I(s;x): contrastive against the content view, eq. (7-8). Frames are encoded one by one,
+        # so permuting x's frame features *is* the encoding of x_content; only the sequence model
+        # runs again.
+        if use_content:
+            order = content_order(B, T, device=x.device)
+            content_features = torch.gather(features, 1, order.unsqueeze(-1).expand_as(features))
+            static_content_mean, _ = self.static_posterior(content_features)
+            terms["mi_sx"] = contrastive_mi(static_mean, static_content_mean, cfg.tau)
+        else:
+            terms["mi_sx"] = mws_mi_x(static, static_mean, static_logvar, cfg.dataset_size)
+        # I(z;x): contrastive between the posterior-mean trajectories of x and its motion view.
+        if use_motion:
+            motion_eps = features.new_empty(B, T, cfg.dynamic_dim).normal_()
+            _, motion_mean, _ = self.dynamic_posterior(motion_features, motion_eps)
+            terms["mi_zx"] = contrastive_mi(dynamic_mean.flatten(1), motion_mean.flatten(1), cfg.tau)
+        else:
+            terms["mi_zx"] = mws_mi_x(dynamic, dynamic_mean, dynamic_logvar, cfg.dataset_size)
+        # I(z;s) by minibatch-weighted sampling.
+        terms["mi_zs"] = mws_mi_zs(static, static_mean, static_logvar,
+                                   dynamic, dynamic_mean, dynamic_logvar, cfg.dataset_size)
+
+        # Eq. (6), negated: recon - alpha (KL_s + KL_z) + beta (I(s;x) + I(z;x)) - gamma I(z;s).
+        loss = terms["recon"] + cfg.alpha * (terms["kl_s"] + terms["kl_z"])
+        if cfg.mi != "off":                    # "off" = DSVAE: MI estimates are only logged
+            loss = loss - cfg.beta * (terms["mi_sx"] + terms["mi_zx"]) + cfg.gamma * terms["mi_zs"]
+        terms["loss"] = loss
+        return loss, {name: value.detach() for name, value in terms.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Using a trained model: small functions over encode / decode
+
+
+@torch.no_grad()
+def swap(model: CDSVAE, a, b):
+    """Exchange the factors of two batches: returns (a's static with b's dynamic, b's static with
+    a's dynamic). The time axis of each result is that of the dynamic's source."""
+    enc_a, enc_b = model.encode(a), model.encode(b)
+    return (model.decode(enc_a.static_mean, enc_b.dynamic_mean),
+            model.decode(enc_b.static_mean, enc_a.dynamic_mean))
+
+
+@torch.no_grad()
+def sample_static(model: CDSVAE, batch: int, generator=None, device=None):
+    """s ~ p(s) = N(0, I), eq. (1)."""
+    return torch.randn(batch, model.cfg.static_dim, generator=generator, device=device)
+
+
+@torch.no_grad()
+def sample_dynamic(model: CDSVAE, batch: int, frames: int, generator=None, device=None):
+    """z_1:T ~ p(z_t | z_<t), eq. (1), the prior fed its own samples."""
+    eps = torch.randn(batch, frames, model.cfg.dynamic_dim, generator=generator, device=device)
+    return model.dynamic_prior.sample(batch, frames, eps)
+
+
+@torch.no_grad()
+def generate(model: CDSVAE, static=None, dynamic=None, batch: int = 1, frames: Optional[int] = None,
+             generator=None):
+    """Decode given factors, sampling each missing one from its prior: fixing ``dynamic`` and
+    sampling ``static`` (or the reverse) is the paper's fixed-factor generation; giving neither
+    samples sequences."""
+    device = next(model.parameters()).device
+    if static is not None:
+        batch = static.shape[0]
+    if dynamic is not None:
+        batch, frames = dynamic.shape[:2]
+    frames = frames or model.cfg.frames
+    if static is None:
+        static = sample_static(model, batch, generator, device)
+    if dynamic is None:
+        dynamic = sample_dynamic(model, batch, frames, generator, device)
+    return model.decode(static, dynamic)
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. Data, training, latent probe, checkpoints
+
+
+class UserError(Exception):
+    """Bad input from the user: reported as one line and exit status 2."""
+
+
+@dataclass
+class Split:
+    sequences: np.ndarray                 # (N, T, H, W, C) uint8 video or (N, T, D) float features
+    labels: dict                          # factor -> (N,) int64
+    motion_views: Optional[np.ndarray] = None
+
+
+@dataclass
+class Dataset:
+    name: str
+    train: Split
+    test: Split
+    kinds: dict                           # factor -> "static" | "dynamic"
+    classes: dict                         # factor -> [class names]
+
+    @property
+    def frame_shape(self) -> tuple:
+        shape = self.train.sequences.shape[2:]
+        return (shape[2], shape[0], shape[1]) if len(shape) == 3 else tuple(shape)
+
+
+# Dataset presets: the hyper-parameters each built-in dataset trains with (all overridable).
+PRESETS = {
+    # The built-in procedural dataset, sized to train in minutes on a laptop CPU.
+    "shapes": dict(static_dim=16, dynamic_dim=8, feature_dim=64, hidden_dim=64, conv_width=16,
+                   alpha=1.0, beta=10.0, gamma=1.0, lr=2e-3, batch_size=64, epochs=40),
+    # Stochastic Moving MNIST at CPU scale (32x32 frames, 15 frames).
+    "sm-mnist": dict(static_dim=64, dynamic_dim=16, feature_dim=128, hidden_dim=128,
+                     conv_width=32, alpha=1.0, beta=10.0, gamma=1.0, lr=1e-3, batch_size=128,
+                     epochs=10),
+}
+DATASET_DEFAULTS = {"shapes": dict(size=32, train=3000, test=600),
+                    "sm-mnist": dict(size=32, train=8000, test=2000)}
+
+
+def load_dataset(name: str, data_dir: Optional[str] = None, size: Optional[int] = None,
+                 seed: int = 0) -> Dataset:
+    defaults = DATASET_DEFAULTS.get(name)
+    if defaults is None:
+        raise UserError(f"unknown dataset '{name}'; expected one of {', '.join(DATASET_DEFAULTS)}")
+    size = size or defaults["size"]
+    if name == "shapes":
+        from data_prep import shapes
+
+        def split(count, split_seed):
+            videos, labels = shapes.render(count, split_seed, size=size)
+            return Split(videos, labels)
+        return Dataset(name, split(defaults["train"], seed), split(defaults["test"], seed + 10_000),
+                       shapes.KINDS, shapes.LABELS)
+    from data_prep import sm_mnist
+
+    try:
+        pools = sm_mnist.digit_pools(data_dir) if data_dir else \
+            sm_mnist.digit_pools(sm_mnist.download(Path.home() / ".cache" / "cdsvae" / "mnist"))
+    except sm_mnist.MnistError as error:
+        raise UserError(str(error)) from None
+
+    def split(pool, count, split_seed):
+        videos, labels, _ = sm_mnist.generate(*pools[pool], count, split_seed, size=size)
+        return Split(videos, labels)
+    return Dataset(name, split("train", defaults["train"], seed),
+                   split("test", defaults["test"], seed + 10_000), sm_mnist.KINDS, sm_mnist.LABELS)
+
+
+def to_frames(sequences: np.ndarray, device) -> torch.Tensor:
+    """A batch of stored sequences as model input: video (B, T, C, H, W) in [0, 1] or features."""
+    tensor = torch.from_numpy(np.ascontiguousarray(sequences)).to(device)
+    if tensor.dtype == torch.uint8:
+        return tensor.permute(0, 1, 4, 2, 3).float().div_(255.0)
+    return tensor.float()
+
+
+@torch.no_grad()
+def encode_split(model: CDSVAE, sequences: np.ndarray, device, sample: bool, seed: int = 0,
+                 batch_size: int = 256):
+    """Latents of a whole split, as numpy arrays s (N, Ds) and z (N, T, Dz): posterior samples
+    (``sample=True``, seeded) or posterior means."""
+    model.eval()
+    generator = torch.Generator(device=device).manual_seed(seed)
+    statics, dynamics = [], []
+    for start in range(0, len(sequences), batch_size):
+        x = to_frames(sequences[start:start + batch_size], device)
+        encoding = model.encode(x, sample=sample, generator=generator)
+        statics.append(encoding.static.cpu())
+        dynamics.append(encoding.dynamic.cpu())
+    return torch.cat(statics).numpy(), torch.cat(dynamics).numpy()
+
+
+def probe_accuracy(train_x, train_y, test_x, test_y, classes: int, seed: int = 0,
+                   steps: int = 300) -> float:
+    """Test accuracy of a small MLP classifier trained on frozen features."""
+    generator = torch.Generator().manual_seed(seed)
+    train_x, test_x = torch.as_tensor(train_x).float(), torch.as_tensor(test_x).float()
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+    train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
+    train_y = torch.as_tensor(train_y)
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+    classifier = nn.Sequential(nn.Linear(train_x.shape[1], 128), nn.ReLU(), nn.Linear(128, classes))
+    optimizer = torch.optim.Adam(classifier.parameters(), lr=3e-3, weight_decay=1e-4)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        F.cross_entropy(classifier(train_x), train_y).backward()
+        optimizer.step()
+    with torch.no_grad():
+        predicted = classifier(test_x).argmax(1).numpy()
+    return float((predicted == np.asarray(test_y)).mean())
+
+
+def probe(model: CDSVAE, data: Dataset, device, sample: bool = True) -> dict:
+    """How well frozen latents predict each factor: a small classifier per (latent, factor),
+    trained on the training split and scored on the test split. Disentangled: s predicts the
+    static factors and not the dynamic ones; z (the whole trajectory) the reverse.
+
+    ``sample=True`` probes the latents the decoder sees, s ~ q(s|x) and z_1:T ~ q(z|x): what a
+    posterior mean varies by far below its own noise is not information the latent carries.
+    ``sample=False`` probes the posterior means, which also shows such residue.
+    """
+    train_s, train_z = encode_split(model, data.train.sequences, device, sample, seed=0)
+    test_s, test_z = encode_split(model, data.test.sequences, device, sample, seed=1)
+    latents = {"s": (train_s, test_s),
+               "z": (train_z.reshape(len(train_z), -1), test_z.reshape(len(test_z), -1))}
+    per_factor, result = {}, {}
+    for latent, (train_x, test_x) in latents.items():
+        for factor in data.kinds:
+            per_factor[f"{latent}/{factor}"] = probe_accuracy(
+                train_x, data.train.labels[factor], test_x, data.test.labels[factor],
+                len(data.classes[factor]))
+    for latent in latents:
+        for kind in ("static", "dynamic"):
+            values = [per_factor[f"{latent}/{f}"] for f, k in data.kinds.items() if k == kind]
+            result[f"{latent}_{kind}"] = float(np.mean(values)) if values else None
+    chance = {}
+    for kind in ("static", "dynamic"):   # always guessing the test split's majority class
+        majority = [np.bincount(data.test.labels[f]).max() / len(data.test.labels[f])
+                    for f, k in data.kinds.items() if k == kind]
+        chance[kind] = float(np.mean(majority)) if majority else None
+    result["chance"] = chance
+    result["per_factor"] = per_factor
+    result["latents"] = "posterior samples" if sample else "posterior means"
+    return result
+
+
+CHECKPOINT_FORMAT = "cdsvae-checkpoint-1"
+
+
+def atomic_save(payload, path: Path) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    torch.save(payload, temporary)
+    os.replace(temporary, path)
+
+
+def save_checkpoint(model: CDSVAE, path: Path, **extra) -> None:
+    atomic_save({"format": CHECKPOINT_FORMAT, "config": asdict(model.cfg),
+                 "state_dict": model.state_dict(), **extra}, path)
+
+
+def load_checkpoint(path, device="cpu") -> CDSVAE:
+    """Load a checkpoint written by ``train`` (``weights_only=True``: no code is run)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such checkpoint file; expected a .pt written by 'cdsvae train'")
+    try:
+        with warnings.catch_warnings():   # torch warns about unusual pickle protocols
+            warnings.simplefilter("ignore")
+            payload = torch.load(path, map_location=device, weights_only=True)
+    except Exception as error:  # unpickling refuses anything but tensors and plain containers
+        reason = str(error).strip().splitlines()[0][:120] if str(error).strip() else type(error).__name__
+        raise UserError(f"{path}: not a cdsvae checkpoint ({reason})") from None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path}: not a cdsvae checkpoint (expected a dict with format "
+                        f"'{CHECKPOINT_FORMAT}', config and state_dict)")
+    try:
+        model = CDSVAE(Config.from_dict(payload["config"]))
+        model.load_state_dict(payload["state_dict"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        reason = str(error).strip().splitlines()[0][:120]
+        raise UserError(f"{path}: cdsvae checkpoint with a bad config or weights ({reason})") from None
+    return model.to(device).eval()
+
+
+def train(cfg: Config, data: Dataset, out_dir: Path, device="cpu", log_every: int = 10,
+          show_progress: bool = True) -> dict:
+    """Train on ``data.train``; write config.json, metrics.jsonl, last.pt and summary.json (with
+    the latent probe) to ``out_dir``. Returns the summary."""
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg.dataset_size = len(data.train.sequences)
+    model = CDSVAE(cfg).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
+    (out_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    order_generator = torch.Generator().manual_seed(cfg.seed)
+    count = len(data.train.sequences)
+    batch_size = min(cfg.batch_size, count)
+    steps_per_epoch = count // batch_size
+    started, step = time.time(), 0
+    metrics_file = (out_dir / "metrics.jsonl").open("w")
+    progress = _progress(show_progress)
+    with progress, metrics_file:
+        task = progress.add_task("train", total=cfg.epochs * steps_per_epoch, terms="")
+        for epoch in range(cfg.epochs):
+            model.train()
+            order = torch.randperm(count, generator=order_generator).numpy()
+            for batch_start in range(0, steps_per_epoch * batch_size, batch_size):
+                index = np.sort(order[batch_start:batch_start + batch_size])
+                x = to_frames(data.train.sequences[index], device)
+                views = data.train.motion_views
+                motion_view = to_frames(views[index], device) if views is not None else None
+                loss, terms = model(x, motion_view)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                step += 1
+                if step % log_every == 0 or step == 1:
+                    record = {"step": step, "epoch": epoch,
+                              **{name: round(float(v), 5) for name, v in terms.items()}}
+                    metrics_file.write(json.dumps(record) + "\n")
+                    metrics_file.flush()
+                    shown = ("recon", "kl_s", "kl_z", "mi_sx", "mi_zx", "mi_zs")
+                    progress.update(task, terms=" ".join(f"{k} {record[k]:.3g}" for k in shown))
+                progress.advance(task)
+            save_checkpoint(model, out_dir / "last.pt", epoch=epoch, step=step)
+    train_seconds = time.time() - started
+    summary = {"dataset": data.name, "epochs": cfg.epochs, "steps": step,
+               "train_seconds": round(train_seconds, 1), "device": str(device),
+               "final": {k: v for k, v in record.items() if k not in ("step", "epoch")}}
+    if data.kinds:
+        summary["probe"] = probe(model, data, device, sample=True)
+        summary["probe_posterior_means"] = probe(model, data, device, sample=False)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _progress(enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeRemainingColumn(), TextColumn("{task.fields[terms]}"), disable=not enabled,
+                    transient=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. The command line
+
+import typer  # noqa: E402  (kept beside the CLI it serves)
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="C-DSVAE: learn static and dynamic latents of sequences; swap, sample, encode.")
+
+
+@contextlib.contextmanager
+def user_errors():
+    """Bad input becomes one line on stderr and exit status 2, never a traceback."""
+    try:
+        yield
+    except UserError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from None
+
+
+def load_sequences(path: Path, cfg: Config):
+    """Read a .npy of one sequence or a batch; validate it against the checkpoint's frames.
+
+    Returns (frames (N, T, ...) float tensor, layout) where layout records how to write results
+    back in the input's own layout.
+    """
+    if cfg.is_video:
+        C, H, W = cfg.frame_shape
+        expected = (f"one sequence (T, {H}, {W}, {C}) or (T, {C}, {H}, {W}) or a batch (N, T, ...), "
+                    "uint8 or float in [0, 1]")
+    else:
+        expected = f"one sequence (T, {cfg.frame_shape[0]}) or a batch (N, T, {cfg.frame_shape[0]}) of floats"
+    if not path.is_file():
+        raise UserError(f"{path}: no such file; expected a .npy array of {expected}")
+    try:
+        array = np.load(path, allow_pickle=False)
+    except Exception as error:
+        reason = str(error).strip().splitlines()[0][:100] if str(error).strip() else type(error).__name__
+        raise UserError(f"{path}: not a readable .npy file ({reason}); expected {expected}") from None
+    if not isinstance(array, np.ndarray):
+        raise UserError(f"{path}: an .npz archive, not a .npy array; expected {expected}")
+    if array.dtype != np.uint8 and array.dtype.kind != "f":
+        raise UserError(f"{path}: dtype {array.dtype} not supported; expected {expected}")
+    if array.size == 0:
+        raise UserError(f"{path}: empty array {array.shape}; expected {expected}")
+    rank = len(cfg.frame_shape) + 1
+    if array.ndim not in (rank, rank + 1):
+        raise UserError(f"{path}: shape {array.shape} has rank {array.ndim}; expected {expected}")
+    batched = array.ndim == rank + 1
+    frames = array if batched else array[None]
+    channels_last = False
+    if cfg.is_video:
+        C, H, W = cfg.frame_shape
+        if frames.shape[2:] == (H, W, C):
+            channels_last = True
+        elif frames.shape[2:] != (C, H, W):
+            raise UserError(f"{path}: frames of shape {frames.shape[2:]} do not match the "
+                            f"checkpoint; expected {expected}")
+    elif frames.shape[2:] != cfg.frame_shape:
+        raise UserError(f"{path}: frames of shape {frames.shape[2:]} do not match the checkpoint; "
+                        f"expected {expected}")
+    if frames.dtype.kind == "f":
+        if not np.isfinite(frames).all():
+            raise UserError(f"{path}: contains NaN or infinite values; expected {expected}")
+        if cfg.is_video and (frames.min() < 0 or frames.max() > 1):
+            raise UserError(f"{path}: float values outside [0, 1]; expected {expected}")
+    tensor = torch.from_numpy(np.ascontiguousarray(frames))
+    tensor = tensor.float().div(255.0) if array.dtype == np.uint8 else tensor.float()
+    if channels_last:
+        tensor = tensor.permute(0, 1, 4, 2, 3)
+    return tensor, {"batched": batched, "channels_last": channels_last, "dtype": array.dtype}
+
+
+def to_layout(frames: torch.Tensor, layout: dict) -> np.ndarray:
+    """Model output (N, T, ...) back into the layout and dtype the input came in."""
+    if layout["channels_last"]:
+        frames = frames.permute(0, 1, 3, 4, 2)
+    array = frames.detach().cpu().numpy()
+    if layout["dtype"] == np.uint8:
+        array = np.clip(np.rint(array * 255.0), 0, 255).astype(np.uint8)
+    else:
+        array = array.astype(np.float32)
+    return array if layout["batched"] else array[0]
+
+
+def save_npy(path: Path, array: np.ndarray) -> None:
+    """Write atomically: a failure leaves no half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp.npy")
+    np.save(temporary, array)
+    os.replace(temporary, path)
+
+
+def save_grid_png(rows: list, path: Path, cfg: Config) -> None:
+    """A PNG with one row per sequence, frames left to right (feature frames as heat-map
+    columns). ``rows`` are (T, ...) tensors in model layout."""
+    from PIL import Image
+
+    if cfg.is_video:
+        images = [row.permute(0, 2, 3, 1).clamp(0, 1).cpu().numpy() for row in rows]   # (T,H,W,C)
+        strips = [np.concatenate(list(img), axis=1) for img in images]
+    else:
+        strips = []
+        for row in rows:
+            values = row.cpu().numpy().T[::-1]                                          # (D, T)
+            values = (values - values.min()) / (np.ptp(values) + 1e-8)
+            strips.append(np.repeat(np.repeat(values, 2, 0), 8, 1)[..., None])
+    width = max(strip.shape[1] for strip in strips)
+    strips = [np.pad(s, ((0, 2), (0, width - s.shape[1]), (0, 0))) for s in strips]
+    grid = (np.concatenate(strips, axis=0) * 255).round().astype(np.uint8)
+    image = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
+    scale = max(1, 256 // max(1, strips[0].shape[0]))
+    if grid.shape[0] < 256:
+        image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp.png")
+    image.save(temporary)
+    os.replace(temporary, path)
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _check_device(device: str) -> torch.device:
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"unknown device '{device}'; expected cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device '{device}' asked for, but CUDA is not available; expected cpu")
+    return resolved
+
+
+@app.command("train")
+def train_command(
+    data: str = typer.Option("shapes", help="Dataset: shapes (built in, no download) or sm-mnist."),
+    data_dir: Optional[Path] = typer.Option(None, help="Folder with the dataset's files (sm-mnist: MNIST IDX files); without it, sm-mnist downloads MNIST."),
+    out: Path = typer.Option(Path("runs/cdsvae"), help="Output folder."),
+    epochs: Optional[int] = typer.Option(None, help="Epochs (default: the dataset preset's)."),
+    batch_size: Optional[int] = typer.Option(None), lr: Optional[float] = typer.Option(None),
+    alpha: Optional[float] = typer.Option(None, help="Weight of KL_s + KL_z, eq. (6)."),
+    beta: Optional[float] = typer.Option(None, help="Weight of I(s;x) + I(z;x), eq. (6)."),
+    gamma: Optional[float] = typer.Option(None, help="Weight of I(z;s), eq. (6)."),
+    tau: Optional[float] = typer.Option(None, help="Contrastive temperature, eq. (7)."),
+    static_dim: Optional[int] = typer.Option(None), dynamic_dim: Optional[int] = typer.Option(None),
+    feature_dim: Optional[int] = typer.Option(None), hidden_dim: Optional[int] = typer.Option(None),
+    conv_width: Optional[int] = typer.Option(None),
+    mi: str = typer.Option("contrastive", help="MI estimates: contrastive (eq. 7-8), mws (App. F) or off (the DSVAE baseline)."),
+    content_aug: bool = typer.Option(True, help="Content augmentation for I(s;x) (off: MWS estimate)."),
+    motion_aug: bool = typer.Option(True, help="Motion augmentation for I(z;x) (off: MWS estimate)."),
+    frame_size: Optional[int] = typer.Option(None, help="Frame height/width for generated datasets."),
+    seed: int = typer.Option(0),
+    device: str = typer.Option(default_device(), help="cpu, cuda or cuda:N."),
+    log_every: int = typer.Option(10, help="Write metrics.jsonl every N steps."),
+):
+    """Train C-DSVAE; writes config.json, metrics.jsonl, last.pt and summary.json to --out."""
+    with user_errors():
+        if mi not in ("contrastive", "mws", "off"):
+            raise UserError(f"unknown --mi '{mi}'; expected contrastive, mws or off")
+        resolved = _check_device(device)
+        dataset = load_dataset(data, str(data_dir) if data_dir else None, frame_size, seed)
+        overrides = {k: v for k, v in dict(
+            epochs=epochs, batch_size=batch_size, lr=lr, alpha=alpha, beta=beta, gamma=gamma,
+            tau=tau, static_dim=static_dim, dynamic_dim=dynamic_dim, feature_dim=feature_dim,
+            hidden_dim=hidden_dim, conv_width=conv_width).items() if v is not None}
+        for name, value in overrides.items():
+            if value <= 0 and name not in ("alpha", "beta", "gamma"):
+                raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        cfg = Config(**{**PRESETS[data], **overrides}, frame_shape=dataset.frame_shape,
+                     frames=dataset.train.sequences.shape[1], mi=mi, content_aug=content_aug,
+                     motion_aug=motion_aug, seed=seed)
+        summary = train(cfg, dataset, out, resolved, log_every)
+    typer.echo(f"trained {summary['steps']} steps in {summary['train_seconds']} s; wrote {out}/")
+    if "probe" in summary:
+        p = summary["probe"]
+        typer.echo("probe accuracy (test split)    static factors   dynamic factors")
+        typer.echo(f"  s (static latent)            {p['s_static']:.3f}            {p['s_dynamic']:.3f}")
+        typer.echo(f"  z (dynamic latents)          {p['z_static']:.3f}            {p['z_dynamic']:.3f}")
+        typer.echo(f"  chance                       {p['chance']['static']:.3f}            {p['chance']['dynamic']:.3f}")
+
+
+@app.command("encode")
+def encode_command(
+    sequences: Path = typer.Argument(..., help="A .npy of one sequence or a batch."),
+    ckpt: Path = typer.Option(..., help="Checkpoint (last.pt)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output folder for s.npy and z.npy."),
+    device: str = typer.Option(default_device()),
+):
+    """Write the posterior means s (N, Ds) and z (N, T, Dz) of a sequence or batch."""
+    with user_errors():
+        resolved = _check_device(device)
+        model = load_checkpoint(ckpt, resolved)
+        frames, layout = load_sequences(sequences, model.cfg)
+        with torch.no_grad():
+            encoding = model.encode(frames.to(resolved))
+        unbatch = (lambda a: a) if layout["batched"] else (lambda a: a[0])
+        save_npy(output / "s.npy", unbatch(encoding.static_mean.cpu().numpy()))
+        save_npy(output / "z.npy", unbatch(encoding.dynamic_mean.cpu().numpy()))
+    typer.echo(f"wrote {output / 's.npy'} and {output / 'z.npy'}")
+
+
+@app.command("swap")
+def swap_command(
+    first: Path = typer.Argument(..., metavar="A.npy"),
+    second: Path = typer.Argument(..., metavar="B.npy"),
+    ckpt: Path = typer.Option(...),
+    output: Path = typer.Option(..., "-o", "--output", help="Output folder."),
+    device: str = typer.Option(default_device()),
+):
+    """Swap the static and dynamic factors of A and B (one sequence each, or equal batches)."""
+    with user_errors():
+        resolved = _check_device(device)
+        model = load_checkpoint(ckpt, resolved)
+        a, layout_a = load_sequences(first, model.cfg)
+        b, layout_b = load_sequences(second, model.cfg)
+        if a.shape[0] != b.shape[0]:
+            raise UserError(f"A holds {a.shape[0]} sequences and B {b.shape[0]}; expected the same number")
+        a, b = a.to(resolved), b.to(resolved)
+        a_static_b_dynamic, b_static_a_dynamic = swap(model, a, b)
+        save_npy(output / "a_static_b_dynamic.npy", to_layout(a_static_b_dynamic, layout_a))
+        save_npy(output / "b_static_a_dynamic.npy", to_layout(b_static_a_dynamic, layout_b))
+        save_grid_png([a[0], b[0], a_static_b_dynamic[0], b_static_a_dynamic[0]],
+                      output / "swap.png", model.cfg)
+    typer.echo(f"wrote {output}/a_static_b_dynamic.npy, b_static_a_dynamic.npy and swap.png")
+
+
+@app.command("sample")
+def sample_command(
+    ckpt: Path = typer.Option(...),
+    n: int = typer.Option(8, "-n", help="Number of sequences."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output .npy (a PNG grid is written beside it)."),
+    frames: Optional[int] = typer.Option(None, help="Frames per sequence (default: the training T)."),
+    seed: int = typer.Option(0),
+    device: str = typer.Option(default_device()),
+):
+    """Generate sequences from the prior: s ~ p(s), z_1:T ~ p(z_t | z_<t)."""
+    with user_errors():
+        if n < 1 or (frames is not None and frames < 1):
+            raise UserError("-n and --frames must be at least 1")
+        if output.suffix != ".npy":
+            raise UserError(f"{output}: expected an output path ending in .npy")
+        resolved = _check_device(device)
+        model = load_checkpoint(ckpt, resolved)
+        generator = torch.Generator(device=resolved).manual_seed(seed)
+        videos = generate(model, batch=n, frames=frames, generator=generator)
+        layout = {"batched": True, "channels_last": model.cfg.is_video,
+                  "dtype": np.dtype(np.uint8) if model.cfg.is_video else np.dtype(np.float32)}
+        save_npy(output, to_layout(videos, layout))
+        save_grid_png(list(videos[:16]), output.with_suffix(".png"), model.cfg)
+    typer.echo(f"wrote {output} and {output.with_suffix('.png')}")
+
+
+def main():
+    app()
+
+
+if __name__ == "__main__":
+    main()

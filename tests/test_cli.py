@@ -1,0 +1,199 @@
+"""The command line: the happy paths and every bad-input path (one line, exit 2, no traceback,
+nothing written)."""
+import json
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import cdsvae
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = cdsvae.Config(frame_shape=(3, 16, 16), frames=5, static_dim=6, dynamic_dim=3,
+                        feature_dim=8, hidden_dim=10, conv_width=4)
+    path = tmp_path_factory.mktemp("ckpt") / "last.pt"
+    cdsvae.save_checkpoint(cdsvae.CDSVAE(cfg), path)
+    return path
+
+
+def run(*args):
+    return runner.invoke(cdsvae.app, [str(a) for a in args])
+
+
+def assert_user_error(result, *fragments):
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_encode_writes_posterior_means_for_both_layouts(tmp_path, checkpoint):
+    sequence = np.random.default_rng(0).integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
+    np.save(tmp_path / "x.npy", sequence)
+    result = run("encode", tmp_path / "x.npy", "--ckpt", checkpoint, "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    s, z = np.load(tmp_path / "out" / "s.npy"), np.load(tmp_path / "out" / "z.npy")
+    assert s.shape == (6,) and z.shape == (5, 3)
+    channels_first = sequence.transpose(0, 3, 1, 2).astype(np.float32) / 255
+    np.save(tmp_path / "x_cf.npy", channels_first[None].repeat(2, 0))
+    result = run("encode", tmp_path / "x_cf.npy", "--ckpt", checkpoint, "-o", tmp_path / "out2")
+    assert result.exit_code == 0, result.output
+    s_batch = np.load(tmp_path / "out2" / "s.npy")
+    assert s_batch.shape == (2, 6)
+    np.testing.assert_allclose(s_batch[0], s, atol=1e-5)  # same sequence, either layout
+
+
+def test_swap_writes_arrays_in_the_input_layout_and_a_png(tmp_path, checkpoint):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "a.npy", rng.integers(0, 256, (5, 16, 16, 3), dtype=np.uint8))
+    np.save(tmp_path / "b.npy", rng.random((5, 3, 16, 16), dtype=np.float32))
+    result = run("swap", tmp_path / "a.npy", tmp_path / "b.npy", "--ckpt", checkpoint, "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    a_b = np.load(tmp_path / "out" / "a_static_b_dynamic.npy")
+    b_a = np.load(tmp_path / "out" / "b_static_a_dynamic.npy")
+    assert a_b.shape == (5, 16, 16, 3) and a_b.dtype == np.uint8
+    assert b_a.shape == (5, 3, 16, 16) and b_a.dtype == np.float32
+    image = Image.open(tmp_path / "out" / "swap.png")
+    assert image.height > image.width / 5 * 3   # four rows of five frames
+
+
+def test_sample_writes_sequences_that_encode_accepts(tmp_path, checkpoint):
+    result = run("sample", "--ckpt", checkpoint, "-n", 3, "-o", tmp_path / "samples.npy")
+    assert result.exit_code == 0, result.output
+    samples = np.load(tmp_path / "samples.npy")
+    assert samples.shape == (3, 5, 16, 16, 3) and samples.dtype == np.uint8
+    assert (tmp_path / "samples.png").is_file()
+    result = run("encode", tmp_path / "samples.npy", "--ckpt", checkpoint, "-o", tmp_path / "enc")
+    assert result.exit_code == 0, result.output
+    assert np.load(tmp_path / "enc" / "z.npy").shape == (3, 5, 3)
+
+
+def bad_inputs(tmp_path):
+    good = np.zeros((5, 16, 16, 3), dtype=np.uint8)
+    cases = {
+        "wrong_rank": (np.zeros((16, 16, 3), dtype=np.uint8), "rank 3"),
+        "wrong_frame_size": (np.zeros((5, 32, 32, 3), dtype=np.uint8), "do not match"),
+        "nan": (np.full((5, 16, 16, 3), np.nan, dtype=np.float32), "NaN"),
+        "out_of_range": (np.full((5, 16, 16, 3), 2.0, dtype=np.float32), "outside [0, 1]"),
+        "object": (np.array([None] * 5, dtype=object), "not a readable .npy"),
+        "strings": (np.array(["a", "b"]), "dtype <U1"),
+        "empty": (np.zeros((0, 16, 16, 3), dtype=np.uint8), "empty"),
+        "int64": (good.astype(np.int64), "dtype int64"),
+    }
+    paths = {}
+    for name, (array, fragment) in cases.items():
+        path = tmp_path / f"{name}.npy"
+        np.save(path, array, allow_pickle=True)
+        paths[name] = (path, fragment)
+    np.save(tmp_path / "full.npy", good)
+    data = (tmp_path / "full.npy").read_bytes()
+    (tmp_path / "truncated.npy").write_bytes(data[: len(data) // 2])
+    paths["truncated"] = (tmp_path / "truncated.npy", "not a readable .npy")
+    (tmp_path / "text.npy").write_text("hello, not an array\n")
+    paths["not_npy"] = (tmp_path / "text.npy", "not a readable .npy")
+    np.savez(tmp_path / "archive.npz", x=good)
+    paths["npz"] = (tmp_path / "archive.npz", ".npz archive")
+    paths["missing"] = (tmp_path / "missing.npy", "no such file")
+    return paths
+
+
+@pytest.mark.parametrize("command", ["encode", "swap"])
+def test_every_bad_sequence_gets_one_line_and_exit_2(tmp_path, checkpoint, command):
+    np.save(tmp_path / "good.npy", np.zeros((5, 16, 16, 3), dtype=np.uint8))
+    for name, (path, fragment) in bad_inputs(tmp_path).items():
+        out = tmp_path / f"out_{name}"
+        args = [path] if command == "encode" else [tmp_path / "good.npy", path]
+        result = run(command, *args, "--ckpt", checkpoint, "-o", out)
+        assert_user_error(result, fragment, "expected")
+        assert not out.exists(), f"{name}: output written despite the error"
+
+
+def bad_checkpoints(tmp_path):
+    (tmp_path / "text.pt").write_text("not a checkpoint")
+    torch.save({"state_dict": {}}, tmp_path / "foreign.pt")
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    torch.save({"format": cdsvae.CHECKPOINT_FORMAT, "config": {"static_dim": 6, "bogus": 1},
+                "state_dict": {}}, tmp_path / "badconfig.pt")
+    torch.save({"format": cdsvae.CHECKPOINT_FORMAT, "config": {"frame_shape": [3, 16, 16]},
+                "state_dict": {"nope": torch.zeros(1)}}, tmp_path / "badweights.pt")
+    return {"text": tmp_path / "text.pt", "foreign": tmp_path / "foreign.pt",
+            "tensor": tmp_path / "tensor.pt", "badconfig": tmp_path / "badconfig.pt",
+            "badweights": tmp_path / "badweights.pt", "missing": tmp_path / "missing.pt"}
+
+
+class RunsCode:
+    """A pickle payload: unpickling it would create a marker file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_bad_checkpoints_get_one_line_and_exit_2_under_every_command(tmp_path):
+    np.save(tmp_path / "x.npy", np.zeros((5, 16, 16, 3), dtype=np.uint8))
+    checkpoints = bad_checkpoints(tmp_path)
+    marker = tmp_path / "pwned"
+    with open(tmp_path / "payload.pt", "wb") as handle:
+        pickle.dump({"format": cdsvae.CHECKPOINT_FORMAT, "config": RunsCode(str(marker))}, handle)
+    checkpoints["payload"] = tmp_path / "payload.pt"
+    for name, ckpt in checkpoints.items():
+        for args in (["encode", tmp_path / "x.npy"], ["swap", tmp_path / "x.npy", tmp_path / "x.npy"],
+                     ["sample", "-n", 2]):
+            out = tmp_path / f"out_{name}" / ("s.npy" if args[0] == "sample" else "")
+            result = run(*args, "--ckpt", ckpt, "-o", out)
+            assert_user_error(result, "checkpoint")
+            assert not (tmp_path / f"out_{name}").exists()
+    assert not marker.exists(), "loading a checkpoint ran code"
+
+
+def test_train_rejects_bad_options(tmp_path):
+    assert_user_error(run("train", "--data", "nope", "--out", tmp_path / "r"), "unknown dataset", "expected")
+    assert_user_error(run("train", "--mi", "nope", "--out", tmp_path / "r"), "expected contrastive")
+    assert_user_error(run("train", "--epochs", 0, "--out", tmp_path / "r"), "--epochs must be positive")
+    assert_user_error(run("train", "--data", "sm-mnist", "--data-dir", tmp_path / "absent",
+                          "--out", tmp_path / "r"), "MNIST")
+    assert_user_error(run("train", "--device", "cuda:7" if not torch.cuda.is_available() else "tpu",
+                          "--out", tmp_path / "r"), "expected")
+    assert not (tmp_path / "r").exists()
+
+
+def test_sample_rejects_bad_options(tmp_path, checkpoint):
+    assert_user_error(run("sample", "--ckpt", checkpoint, "-n", 0, "-o", tmp_path / "s.npy"), "at least 1")
+    assert_user_error(run("sample", "--ckpt", checkpoint, "-o", tmp_path / "s.png"), "ending in .npy")
+
+
+def test_train_cli_writes_its_outputs(tmp_path):
+    out = tmp_path / "run"
+    result = run("train", "--epochs", 1, "--frame-size", 16, "--static-dim", 4, "--dynamic-dim", 2,
+                 "--hidden-dim", 8, "--feature-dim", 8, "--conv-width", 4, "--batch-size", 256,
+                 "--out", out, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "probe accuracy" in result.output
+    config = json.loads((out / "config.json").read_text())
+    assert config["frame_shape"] == [3, 16, 16] and config["static_dim"] == 4
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {"recon", "kl_s", "kl_z", "mi_sx", "mi_zx", "mi_zs", "loss"} <= set(records[0])
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["probe"]) >= {"s_static", "s_dynamic", "z_static", "z_dynamic", "chance"}
+    assert all(0.0 <= summary["probe"][k] <= 1.0 for k in ("s_static", "s_dynamic", "z_static", "z_dynamic"))
+    assert cdsvae.load_checkpoint(out / "last.pt").cfg.static_dim == 4
+
+
+def test_module_entry_point_runs():
+    result = subprocess.run([sys.executable, "-m", "cdsvae", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "train" in result.stdout and "swap" in result.stdout

@@ -1,0 +1,120 @@
+"""The built-in shapes dataset and Stochastic Moving MNIST from the real MNIST test digits."""
+import gzip
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data_prep import shapes, sm_mnist
+
+MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
+needs_mnist = pytest.mark.skipif(not MNIST.is_dir(), reason="../shared/data/mnist not present")
+
+
+def test_shapes_is_a_pure_function_of_the_seed():
+    first, labels = shapes.render(50, seed=3)
+    second, labels_again = shapes.render(50, seed=3)
+    assert np.array_equal(first, second)
+    assert all(np.array_equal(labels[k], labels_again[k]) for k in labels)
+    assert not np.array_equal(first, shapes.render(50, seed=4)[0])
+    assert first.shape == (50, 8, 32, 32, 3) and first.dtype == np.uint8
+    assert shapes.render(2, 0, size=64)[0].shape == (2, 8, 64, 64, 3)
+
+
+def test_shapes_dynamic_factors_change_only_the_frame_order():
+    """A sequence with both dynamic factors flipped is the same sequence played backwards: the
+    unordered set of frames never tells direction or scale trend on its own."""
+    videos, labels = shapes.render(300, seed=0)
+    vertical_profile = videos.sum(axis=(1, 3, 4))     # depends on the (unlabelled) offset only
+    matches = 0
+    for n in range(300):
+        for m in range(n + 1, 300):
+            same_static = all(labels[k][n] == labels[k][m] for k in ("shape", "colour"))
+            flipped = all(labels[k][n] != labels[k][m] for k in ("direction", "scale"))
+            if same_static and flipped and np.array_equal(vertical_profile[n], vertical_profile[m]):
+                assert np.array_equal(videos[n], videos[m][::-1])
+                matches += 1
+    assert matches >= 3
+
+
+def test_shapes_colour_and_motion_are_rendered_as_labelled():
+    videos, labels = shapes.render(20, seed=1)
+    for n in range(20):
+        pixels = videos[n].reshape(-1, 3)
+        lit = pixels[pixels.any(axis=1)]
+        assert (lit == shapes.PALETTE[labels["colour"][n]]).all()
+        centre_x = [np.nonzero(videos[n, t].any(axis=(0, 2)))[0].mean() for t in range(8)]
+        moving_right = centre_x[-1] > centre_x[0]
+        assert moving_right == (labels["direction"][n] == 0)
+        area = videos[n].any(axis=3).sum(axis=(1, 2))
+        assert (area[-1] > area[0]) == (labels["scale"][n] == 0)
+
+
+def write_idx(path, array, gz):
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    data = header + array.astype(np.uint8).tobytes()
+    if gz:
+        with gzip.open(path, "wb") as handle:
+            handle.write(data)
+    else:
+        path.write_bytes(data)
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_idx_reader_round_trips_and_rejects_truncation(tmp_path, gz):
+    images = np.random.default_rng(0).integers(0, 256, (7, 28, 28))
+    name = "t10k-images-idx3-ubyte" + (".gz" if gz else "")
+    write_idx(tmp_path / name, images, gz)
+    assert np.array_equal(sm_mnist.read_idx(tmp_path / name), images)
+    raw = (tmp_path / "cut").with_suffix("")
+    write_idx(raw, images, False)
+    raw.write_bytes(raw.read_bytes()[:-10])
+    with pytest.raises(sm_mnist.MnistError, match="truncated"):
+        sm_mnist.read_idx(raw)
+
+
+def test_full_mnist_uses_the_official_split(tmp_path):
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 30), ("t10k", 12)):
+        write_idx(tmp_path / f"{split}-images-idx3-ubyte", rng.integers(0, 256, (count, 28, 28)), False)
+        write_idx(tmp_path / f"{split}-labels-idx1-ubyte", rng.integers(0, 10, count), False)
+    pools = sm_mnist.digit_pools(tmp_path)
+    assert len(pools["train"][0]) == 30 and len(pools["test"][0]) == 12
+
+
+def test_missing_mnist_files_name_what_was_expected(tmp_path):
+    with pytest.raises(sm_mnist.MnistError, match="t10k-images-idx3-ubyte"):
+        sm_mnist.digit_pools(tmp_path)
+
+
+@needs_mnist
+def test_real_mnist_test_digits_split_into_disjoint_pools():
+    pools = sm_mnist.digit_pools(MNIST)
+    train_images, train_labels = pools["train"]
+    test_images, test_labels = pools["test"]
+    assert train_images.shape == (8000, 28, 28) and test_images.shape == (2000, 28, 28)
+    assert set(np.unique(train_labels)) == set(range(10))
+    assert not np.shares_memory(train_images, test_images)
+
+
+@needs_mnist
+def test_sm_mnist_sequences_from_real_digits():
+    images, labels = sm_mnist.digit_pools(MNIST)["test"]
+    videos, out_labels, trajectories = sm_mnist.generate(images, labels, 40, seed=0, size=64, frames=15)
+    assert videos.shape == (40, 15, 64, 64, 1) and videos.dtype == np.uint8
+    assert (out_labels["digit_low"] <= out_labels["digit_high"]).all()
+    assert out_labels["motions"].max() < len(sm_mnist.LABELS["motions"])
+    assert trajectories.shape == (40, 15, 2, 2)
+    # Digits stay on the canvas, move at most size/16 pixels a frame, and bounce.
+    assert trajectories.min() >= 16 and trajectories.max() <= 48
+    steps = np.abs(np.diff(trajectories, axis=1))
+    assert steps.max() <= 4
+    # Each frame shows ink where the trajectories say the digits are.
+    for n in range(5):
+        for t in range(15):
+            for slot in range(2):
+                x, y = trajectories[n, t, slot].astype(int)
+                assert videos[n, t, y - 16:y + 16, x - 16:x + 16].max() > 0
+    again = sm_mnist.generate(images, labels, 40, seed=0, size=64, frames=15)[0]
+    assert np.array_equal(videos, again)
+    assert sm_mnist.generate(images, labels, 3, seed=0, size=32)[0].shape == (3, 15, 32, 32, 1)

@@ -1,0 +1,199 @@
+"""Augmentation invariants, per-step sampling, the prior, determinism, generation functions."""
+import pytest
+import torch
+import torch.nn as nn
+
+import cdsvae
+
+
+def video(batch=4, frames=5, size=16, seed=0):
+    return torch.rand(batch, frames, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def small_config(**overrides):
+    values = dict(frame_shape=(3, 16, 16), static_dim=6, dynamic_dim=3, feature_dim=8,
+                  hidden_dim=10, conv_width=4, dataset_size=100)
+    return cdsvae.Config(**{**values, **overrides})
+
+
+# --- content augmentation ---------------------------------------------------------------------
+
+def test_content_order_is_a_permutation_per_sequence_with_shuffles_and_reversals():
+    order = cdsvae.content_order(400, 7, generator=torch.Generator().manual_seed(0))
+    assert order.shape == (400, 7)
+    assert torch.equal(order.sort(dim=1).values, torch.arange(7).expand(400, 7))
+    reversed_rows = (order == torch.arange(6, -1, -1)).all(dim=1)
+    assert 100 < int(reversed_rows.sum()) < 300      # about half reversed, the rest shuffled
+
+
+def test_permuted_frame_features_are_the_encoding_of_the_content_view():
+    torch.manual_seed(0)
+    model = cdsvae.CDSVAE(small_config()).eval()
+    x = video()
+    order = cdsvae.content_order(4, 5, generator=torch.Generator().manual_seed(1))
+    features = model.encode_frames(x)
+    gathered = torch.gather(features, 1, order.unsqueeze(-1).expand_as(features))
+    content_view = torch.stack([x[b, order[b]] for b in range(4)])
+    assert torch.allclose(gathered, model.encode_frames(content_view), atol=1e-6)
+
+
+# --- motion augmentation ----------------------------------------------------------------------
+
+def test_motion_augmentation_applies_one_transform_to_every_frame():
+    x = video(batch=6, frames=5)
+    params = cdsvae.draw_motion_params(6, 3, generator=torch.Generator().manual_seed(3))
+    whole = cdsvae.apply_motion_params(x, params)
+    for t in range(5):   # each frame on its own, same parameters: the same result
+        single = cdsvae.apply_motion_params(x[:, t:t + 1], params)
+        assert torch.allclose(whole[:, t:t + 1], single, atol=1e-6)
+    still = x[:, :1].expand(6, 5, 3, 16, 16)  # a still sequence stays still
+    out = cdsvae.apply_motion_params(still, params)
+    assert torch.allclose(out, out[:, :1].expand_as(out), atol=1e-6)
+
+
+def test_motion_augmentation_changes_appearance_and_stays_in_range():
+    x = video(batch=8)
+    augmented = cdsvae.motion_augment(x, generator=torch.Generator().manual_seed(0))
+    assert augmented.shape == x.shape
+    assert augmented.min() >= 0 and augmented.max() <= 1
+    per_sequence_change = (augmented - x).abs().mean(dim=(1, 2, 3, 4))
+    assert (per_sequence_change > 0.01).all()
+
+
+def test_motion_parameters_differ_between_sequences():
+    params = cdsvae.draw_motion_params(32, 3, generator=torch.Generator().manual_seed(0))
+    assert params.brightness.unique().numel() == 32
+    assert params.affine.shape == (32, 2, 3)
+
+
+def test_identity_motion_params_leave_the_video_unchanged():
+    x = video(batch=2)
+    identity = cdsvae.MotionParams(
+        affine=torch.tensor([[[1.0, 0, 0], [0, 1.0, 0]]]).repeat(2, 1, 1),
+        brightness=torch.ones(2), contrast=torch.ones(2), saturation=torch.ones(2),
+        channels=torch.arange(3).repeat(2, 1), blur_sigma=torch.zeros(2))
+    assert torch.allclose(cdsvae.apply_motion_params(x, identity), x, atol=1e-5)
+
+
+# --- per-step sampling ------------------------------------------------------------------------
+
+def rollout_with_lstm_cell(features, posterior: cdsvae.DynamicPosterior, eps):
+    """An independent rollout through torch.nn.LSTMCell with the same weights."""
+    hidden = posterior.head.in_features
+    latent = posterior.head.out_features // 2
+    cell = nn.LSTMCell(features.shape[-1] + latent, hidden).double()
+    with torch.no_grad():
+        cell.weight_ih.copy_(torch.cat([posterior.input_proj.weight, posterior.recurrent.weight[:, :latent]], 1))
+        cell.weight_hh.copy_(posterior.recurrent.weight[:, latent:])
+        cell.bias_ih.copy_(posterior.input_proj.bias)
+        cell.bias_hh.zero_()
+    z = features.new_zeros(features.shape[0], latent)
+    state, samples = None, []
+    for t in range(features.shape[1]):
+        state = cell(torch.cat([features[:, t], z], 1), state)
+        mean, logvar = posterior.head(state[0]).chunk(2, 1)
+        z = mean + torch.exp(0.5 * logvar) * eps[:, t]
+        samples.append(z)
+    return torch.stack(samples, 1)
+
+
+@pytest.mark.parametrize("frames", [1, 8, 15])
+def test_dynamic_posterior_matches_an_lstm_cell_rollout(frames):
+    torch.manual_seed(0)
+    posterior = cdsvae.DynamicPosterior(small_config(feature_dim=7, hidden_dim=9, dynamic_dim=5)).double()
+    features = torch.randn(3, frames, 7, dtype=torch.float64)
+    eps = torch.randn(3, frames, 5, dtype=torch.float64)
+    z, mean, logvar = posterior(features, eps)
+    assert z.shape == mean.shape == logvar.shape == (3, frames, 5)
+    assert torch.allclose(z, rollout_with_lstm_cell(features, posterior, eps), atol=1e-10)
+    assert torch.allclose(z, mean + torch.exp(0.5 * logvar) * eps, atol=1e-12)
+
+
+def test_each_step_is_sampled_from_the_previous_sample():
+    torch.manual_seed(0)
+    posterior = cdsvae.DynamicPosterior(small_config()).double()
+    features = torch.randn(2, 6, 8, dtype=torch.float64)
+    eps = torch.randn(2, 6, 3, dtype=torch.float64)
+    z, mean, _ = posterior(features, eps)
+    changed = eps.clone()
+    changed[:, 3] += 1.0
+    z2, mean2, _ = posterior(features, changed)
+    assert torch.equal(z[:, :3], z2[:, :3]) and torch.equal(mean[:, :4], mean2[:, :4])
+    assert not torch.allclose(mean[:, 4:], mean2[:, 4:])   # later steps see the new z_3
+
+
+def test_rollout_gradients_match_finite_differences():
+    torch.manual_seed(0)
+    B, T, H, Dz = 2, 3, 4, 2
+    inputs = (torch.randn(B, T, 4 * H, dtype=torch.float64, requires_grad=True),
+              (0.5 * torch.randn(4 * H, Dz + H, dtype=torch.float64)).requires_grad_(),
+              (0.5 * torch.randn(2 * Dz, H, dtype=torch.float64)).requires_grad_(),
+              torch.randn(2 * Dz, dtype=torch.float64, requires_grad=True),
+              torch.randn(B, T, Dz, dtype=torch.float64))
+    assert torch.autograd.gradcheck(lambda *a: cdsvae.lstm_sample_rollout(*a), inputs)
+
+
+def test_training_gradients_reach_every_parameter():
+    torch.manual_seed(0)
+    model = cdsvae.CDSVAE(small_config())
+    loss, _ = model(video())
+    loss.backward()
+    missing = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert missing == []
+
+
+# --- prior and generation ---------------------------------------------------------------------
+
+def test_prior_teacher_forcing_agrees_with_step_by_step_generation():
+    torch.manual_seed(0)
+    prior = cdsvae.DynamicPrior(small_config())
+    eps = torch.randn(3, 6, 3)
+    trajectory = prior.sample(3, 6, eps)
+    mean, logvar = prior(trajectory)   # p(z_t | z_<t) given the generated trajectory
+    assert torch.allclose(trajectory, mean + torch.exp(0.5 * logvar) * eps, atol=1e-5)
+
+
+def test_generation_functions_shapes_and_fixed_factors():
+    torch.manual_seed(0)
+    model = cdsvae.CDSVAE(small_config()).eval()
+    x = video()
+    assert cdsvae.generate(model, batch=2, frames=7).shape == (2, 7, 3, 16, 16)
+    encoding = model.encode(x)
+    fixed_dynamic = cdsvae.generate(model, dynamic=encoding.dynamic_mean)
+    assert fixed_dynamic.shape == x.shape
+    fixed_static = cdsvae.generate(model, static=encoding.static_mean, frames=3)
+    assert fixed_static.shape == (4, 3, 3, 16, 16)
+    a_b, b_a = cdsvae.swap(model, x[:2], x[2:])
+    assert torch.allclose(a_b, model.decode(encoding.static_mean[:2], encoding.dynamic_mean[2:]), atol=1e-6)
+    assert torch.allclose(b_a, model.decode(encoding.static_mean[2:], encoding.dynamic_mean[:2]), atol=1e-6)
+
+
+def test_feature_frames_use_the_mlp_path():
+    torch.manual_seed(0)
+    model = cdsvae.CDSVAE(small_config(frame_shape=(12,)))
+    x = torch.randn(4, 20, 12)
+    loss, terms = model(x)
+    loss.backward()
+    # Without a precomputed motion view, I(z;x) falls back to the MWS estimate.
+    views_loss, views_terms = model(x, motion_view=x + 0.01 * torch.randn_like(x))
+    assert terms["mi_zx"] > views_terms["mi_zx"]
+    assert cdsvae.generate(model, batch=2, frames=5).shape == (2, 5, 12)
+
+
+# --- determinism ------------------------------------------------------------------------------
+
+def test_seeded_training_is_deterministic(tmp_path):
+    from data_prep import shapes
+
+    def run(seed, out):
+        videos, labels = shapes.render(40, 0, size=16)
+        data = cdsvae.Dataset("shapes", cdsvae.Split(videos, labels), cdsvae.Split(videos[:20], {k: v[:20] for k, v in labels.items()}),
+                              shapes.KINDS, shapes.LABELS)
+        cfg = small_config(epochs=2, batch_size=16, seed=seed)
+        cdsvae.train(cfg, data, out, show_progress=False)
+        return cdsvae.load_checkpoint(out / "last.pt").state_dict()
+
+    first, second, other = run(0, tmp_path / "a"), run(0, tmp_path / "b"), run(1, tmp_path / "c")
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert not all(torch.equal(first[k], other[k]) for k in first)
+    assert (tmp_path / "a" / "metrics.jsonl").read_text() == (tmp_path / "b" / "metrics.jsonl").read_text()

@@ -1,0 +1,167 @@
+"""Every term of the objective against an independent, direct computation."""
+import math
+
+import pytest
+import torch
+from torch.distributions import Normal, kl_divergence
+
+import cdsvae
+
+
+def test_gaussian_kl_matches_monte_carlo():
+    generator = torch.Generator().manual_seed(0)
+    mean_q, mean_p = torch.randn(4, generator=generator), torch.randn(4, generator=generator)
+    logvar_q, logvar_p = torch.randn(4, generator=generator) * 0.5, torch.randn(4, generator=generator) * 0.5
+    closed = cdsvae.gaussian_kl(mean_q, logvar_q, mean_p, logvar_p).double()
+    q = Normal(mean_q.double(), torch.exp(0.5 * logvar_q).double())
+    p = Normal(mean_p.double(), torch.exp(0.5 * logvar_p).double())
+    samples = q.sample((400_000,))
+    log_ratio = q.log_prob(samples) - p.log_prob(samples)
+    monte_carlo = log_ratio.mean(0)
+    stderr = log_ratio.std(0) / math.sqrt(len(samples))
+    assert torch.all((closed - monte_carlo).abs() < 5 * stderr + 1e-4), (closed, monte_carlo)
+    assert torch.allclose(closed, kl_divergence(q, p), atol=1e-5)
+
+
+def test_gaussian_kl_is_zero_for_equal_distributions_and_positive_otherwise():
+    mean, logvar = torch.randn(10), torch.randn(10)
+    assert torch.allclose(cdsvae.gaussian_kl(mean, logvar, mean, logvar), torch.zeros(10), atol=1e-6)
+    assert (cdsvae.gaussian_kl(mean, logvar, mean + 0.3, logvar) > 0).all()
+
+
+def test_log_gaussian_matches_torch_distributions():
+    x, mean, logvar = torch.randn(5, 3), torch.randn(5, 3), torch.randn(5, 3)
+    expected = Normal(mean, torch.exp(0.5 * logvar)).log_prob(x)
+    assert torch.allclose(cdsvae.log_gaussian(x, mean, logvar), expected, atol=1e-5)
+
+
+def explicit_contrastive(anchor, positive, tau):
+    """Eq. (7)-(8) written out with loops: each of the 2B rows against its positive and the
+    2B - 2 negatives from the minibatch, cosine similarity over tau."""
+    rows = [r.double() for r in list(anchor) + list(positive)]
+    n, batch = len(rows), len(anchor)
+
+    def cosine(u, v):
+        return float(u @ v) / (float(u.norm()) * float(v.norm()))
+
+    total = 0.0
+    for i in range(n):
+        partner = (i + batch) % n
+        numerator = math.exp(cosine(rows[i], rows[partner]) / tau)
+        denominator = sum(math.exp(cosine(rows[i], rows[j]) / tau) for j in range(n) if j != i)
+        total += math.log(numerator / denominator)
+    return math.log(n - 1) + total / n
+
+
+@pytest.mark.parametrize("batch,dim,tau", [(1, 3, 0.5), (5, 7, 0.5), (8, 16, 0.1)])
+def test_contrastive_mi_matches_explicit_loop(batch, dim, tau):
+    generator = torch.Generator().manual_seed(batch)
+    anchor, positive = torch.randn(batch, dim, generator=generator), torch.randn(batch, dim, generator=generator)
+    value = cdsvae.contrastive_mi(anchor, positive, tau)
+    assert value.item() == pytest.approx(explicit_contrastive(anchor, positive, tau), abs=1e-4)
+
+
+def test_contrastive_mi_is_symmetric_and_rewards_matching_views():
+    anchor = torch.randn(16, 8)
+    noise = 0.05 * torch.randn(16, 8)
+    close = cdsvae.contrastive_mi(anchor, anchor + noise, 0.5)
+    assert close.item() == pytest.approx(cdsvae.contrastive_mi(anchor + noise, anchor, 0.5).item(), abs=1e-5)
+    assert close > cdsvae.contrastive_mi(anchor, torch.randn(16, 8), 0.5)
+    assert close <= math.log(31) + 1e-6  # the InfoNCE bound never exceeds log(2B - 1)
+
+
+def brute_force_log_marginal(sample_i, means, logvars, dataset_size):
+    """log q(v_i) ~= log (1 / (B N)) sum_j prod_d N(v_id; mean_jd, var_jd), in float64."""
+    densities = [float(Normal(m.double(), torch.exp(0.5 * lv.double())).log_prob(sample_i.double()).sum().exp())
+                 for m, lv in zip(means, logvars)]
+    return math.log(sum(densities) / (len(means) * dataset_size))
+
+
+def tiny_posterior(batch, dim, seed, steps=None):
+    generator = torch.Generator().manual_seed(seed)
+    shape = (batch, dim) if steps is None else (batch, steps, dim)
+    mean = torch.randn(*shape, generator=generator, dtype=torch.float64)
+    logvar = 0.3 * torch.randn(*shape, generator=generator, dtype=torch.float64)
+    sample = mean + torch.exp(0.5 * logvar) * torch.randn(*shape, generator=generator, dtype=torch.float64)
+    return sample, mean, logvar
+
+
+def test_mws_mi_x_matches_brute_force():
+    sample, mean, logvar = tiny_posterior(4, 3, seed=1)
+    dataset_size = 50
+    expected = 0.0
+    for i in range(4):
+        log_conditional = float(Normal(mean[i], torch.exp(0.5 * logvar[i])).log_prob(sample[i]).sum())
+        expected += log_conditional - brute_force_log_marginal(sample[i], mean, logvar, dataset_size)
+    expected /= 4
+    assert cdsvae.mws_mi_x(sample, mean, logvar, dataset_size).item() == pytest.approx(expected, rel=1e-9)
+
+
+def test_mws_mi_x_averages_per_step_estimates():
+    sample, mean, logvar = tiny_posterior(3, 2, seed=2, steps=4)
+    per_step = [cdsvae.mws_mi_x(sample[:, t], mean[:, t], logvar[:, t], 10) for t in range(4)]
+    assert cdsvae.mws_mi_x(sample, mean, logvar, 10).item() == pytest.approx(float(sum(per_step) / 4), rel=1e-9)
+
+
+def test_mws_mi_zs_matches_brute_force():
+    batch, steps, dataset_size = 3, 2, 20
+    static, static_mean, static_logvar = tiny_posterior(batch, 4, seed=3)
+    dynamic, dynamic_mean, dynamic_logvar = tiny_posterior(batch, 2, seed=4, steps=steps)
+    expected = 0.0
+    for i in range(batch):
+        log_q_s = brute_force_log_marginal(static[i], static_mean, static_logvar, dataset_size)
+        for t in range(steps):
+            log_q_z = brute_force_log_marginal(dynamic[i, t], dynamic_mean[:, t], dynamic_logvar[:, t], dataset_size)
+            joint_sample = torch.cat([static[i], dynamic[i, t]])
+            joint_means = torch.cat([static_mean, dynamic_mean[:, t]], dim=1)
+            joint_logvars = torch.cat([static_logvar, dynamic_logvar[:, t]], dim=1)
+            log_q_joint = brute_force_log_marginal(joint_sample, joint_means, joint_logvars, dataset_size)
+            expected += log_q_joint - log_q_z - log_q_s
+    expected /= batch * steps
+    value = cdsvae.mws_mi_zs(static, static_mean, static_logvar, dynamic, dynamic_mean, dynamic_logvar,
+                             dataset_size)
+    assert value.item() == pytest.approx(expected, rel=1e-9)
+
+
+def small_model(**overrides):
+    cfg = cdsvae.Config(frame_shape=(3, 16, 16), static_dim=6, dynamic_dim=3, feature_dim=8,
+                        hidden_dim=10, conv_width=4, dataset_size=100, **overrides)
+    return cdsvae.CDSVAE(cfg)
+
+
+def test_forward_loss_is_eq6_from_its_terms():
+    torch.manual_seed(0)
+    model = small_model(alpha=0.7, beta=3.0, gamma=2.0)
+    loss, terms = model(torch.rand(5, 4, 3, 16, 16))
+    expected = (terms["recon"] + 0.7 * (terms["kl_s"] + terms["kl_z"])
+                - 3.0 * (terms["mi_sx"] + terms["mi_zx"]) + 2.0 * terms["mi_zs"])
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert terms["mi_sx"] <= math.log(9) + 1e-5 and terms["mi_zx"] <= math.log(9) + 1e-5  # contrastive
+
+
+def test_dsvae_baseline_leaves_mi_terms_out_of_the_loss():
+    torch.manual_seed(0)
+    model = small_model(mi="off")
+    loss, terms = model(torch.rand(5, 4, 3, 16, 16))
+    assert loss.item() == pytest.approx((terms["recon"] + terms["kl_s"] + terms["kl_z"]).item(), rel=1e-6)
+    assert {"mi_sx", "mi_zx", "mi_zs"} <= set(terms)  # still logged
+
+
+def test_reconstruction_term_is_summed_squared_error_per_sequence():
+    torch.manual_seed(0)
+    model = small_model()
+    captured = []
+    model.frame_decoder.register_forward_hook(lambda module, args, out: captured.append(out))
+    x = torch.rand(3, 4, 3, 16, 16)
+    _, terms = model(x)
+    decoded = captured[0].detach().view(3, 4, 3, 16, 16)
+    direct = sum(float(((decoded[b] - x[b]) ** 2).sum()) for b in range(3)) / 3
+    assert terms["recon"].item() == pytest.approx(direct, rel=1e-5)
+
+
+def test_mws_ablation_uses_mws_estimates_everywhere():
+    torch.manual_seed(0)
+    model = small_model(mi="mws")
+    _, terms = model(torch.rand(5, 4, 3, 16, 16))
+    # MWS estimates carry the + log(B N) offset; contrastive ones are bounded by log(2B - 1).
+    assert terms["mi_sx"] > math.log(9)
