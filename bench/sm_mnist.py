@@ -11,11 +11,15 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 from pathlib import Path
 
-import torch
+# bench/kernels.py shares its name with the project's ``kernels`` package: keep bench/ off the path.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-import cdsvae
+import torch  # noqa: E402
+
+import cdsvae  # noqa: E402
 
 KEYS = ("s_static", "s_dynamic", "z_static", "z_dynamic")
 

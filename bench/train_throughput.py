@@ -4,8 +4,10 @@ Ours (``CDSVAE.forward``) encodes the frames of x and of the motion view in one 
 the content view by re-running only the sequence model over permuted frame features, and never
 decodes an augmented view. The three-pass step is what the released code does: the whole model
 (encode, posterior, prior, decode) once for x, once for the content view and once for the motion
-view, then the same objective. Both steps compute the augmentations on the fly from the same
-functions, both run forward + backward + Adam, both on the same model.
+view, then the same objective, in plain PyTorch (``CDSVAE_REFERENCE=1``, no Triton kernels, as
+the released code). Both steps compute the augmentations on the fly from the same functions,
+both run forward + backward + Adam, both on the same model. On CUDA a third row, ``ours_reference``,
+is our step without the Triton kernels, so the two sources of speed can be told apart.
 
     python bench/train_throughput.py                    # paper Sprites config, batch 32, CPU
     python bench/train_throughput.py --batch 128 --device cuda
@@ -16,13 +18,20 @@ machine's state.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import platform
+import sys
 import time
+from pathlib import Path
 
-import torch
+# bench/kernels.py shares its name with the project's ``kernels`` package: keep bench/ off the path.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-import cdsvae
+import torch  # noqa: E402
+
+import cdsvae  # noqa: E402
 
 
 def three_pass_loss(model: cdsvae.CDSVAE, x: torch.Tensor) -> torch.Tensor:
@@ -57,6 +66,20 @@ def three_pass_loss(model: cdsvae.CDSVAE, x: torch.Tensor) -> torch.Tensor:
     mi_zs = cdsvae.mws_mi_zs(static, static_mean, static_logvar, dynamic, dynamic_mean,
                              dynamic_logvar, cfg.dataset_size)
     return recon_term + cfg.alpha * (kl_s + kl_z) - cfg.beta * (mi_sx + mi_zx) + cfg.gamma * mi_zs
+
+
+@contextlib.contextmanager
+def reference_kernels():
+    """Run the PyTorch reference instead of the Triton kernels (kernels.use_triton reads this)."""
+    previous = os.environ.get("CDSVAE_REFERENCE")
+    os.environ["CDSVAE_REFERENCE"] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["CDSVAE_REFERENCE"]
+        else:
+            os.environ["CDSVAE_REFERENCE"] = previous
 
 
 def time_steps(model, optimizer, x, loss_fn, steps: int, warmup: int, device) -> float:
@@ -99,10 +122,14 @@ def main():
 
     ours_loss = lambda batch: model(batch)[0]  # noqa: E731
     three_pass = lambda batch: three_pass_loss(model, batch)  # noqa: E731
-    timings = {"ours": [], "three_pass": []}
-    for _ in range(args.rounds):   # interleave, so drift in machine load hits both alike
-        timings["ours"].append(time_steps(model, optimizer, x, ours_loss, args.steps, args.warmup, device))
-        timings["three_pass"].append(time_steps(model, optimizer, x, three_pass, args.steps, args.warmup, device))
+    steps = {"ours": (ours_loss, contextlib.nullcontext), "three_pass": (three_pass, reference_kernels)}
+    if device.type == "cuda":
+        steps["ours_reference"] = (ours_loss, reference_kernels)
+    timings = {name: [] for name in steps}
+    for _ in range(args.rounds):   # interleave, so drift in machine load hits all alike
+        for name, (loss_fn, context) in steps.items():
+            with context():
+                timings[name].append(time_steps(model, optimizer, x, loss_fn, args.steps, args.warmup, device))
     best = {name: min(values) for name, values in timings.items()}
     machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
                else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")

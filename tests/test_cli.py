@@ -103,7 +103,7 @@ def bad_inputs(tmp_path):
     (tmp_path / "truncated.npy").write_bytes(data[: len(data) // 2])
     paths["truncated"] = (tmp_path / "truncated.npy", "not a readable .npy")
     (tmp_path / "text.npy").write_text("hello, not an array\n")
-    paths["not_npy"] = (tmp_path / "text.npy", "not a readable .npy")
+    paths["not_npy"] = (tmp_path / "text.npy", "not a .npy file")
     np.savez(tmp_path / "archive.npz", x=good)
     paths["npz"] = (tmp_path / "archive.npz", ".npz archive")
     paths["missing"] = (tmp_path / "missing.npy", "no such file")
