@@ -583,6 +583,7 @@ class Dataset:
     test: Split
     kinds: dict                           # factor -> "static" | "dynamic"
     classes: dict                         # factor -> [class names]
+    disjoint: tuple = ()                  # factors whose classes differ between the splits
 
     @property
     def frame_shape(self) -> tuple:
@@ -590,7 +591,9 @@ class Dataset:
         return (shape[2], shape[0], shape[1]) if len(shape) == 3 else tuple(shape)
 
 
-# Dataset presets: the hyper-parameters each built-in dataset trains with (all overridable).
+# Dataset presets: the hyper-parameters each dataset trains with (all overridable by a flag).
+PAPER_VIDEO = dict(static_dim=256, dynamic_dim=32, feature_dim=128, hidden_dim=256, conv_width=64,
+                   alpha=1.0, beta=10.0, gamma=1.0, lr=1e-3, batch_size=128)
 PRESETS = {
     # The built-in procedural dataset, sized to train in minutes on a laptop CPU.
     "shapes": dict(static_dim=16, dynamic_dim=8, feature_dim=64, hidden_dim=64, conv_width=16,
@@ -599,16 +602,59 @@ PRESETS = {
     # 2 CPU cores.
     "sm-mnist": dict(static_dim=32, dynamic_dim=8, feature_dim=64, hidden_dim=64, conv_width=16,
                      alpha=1.0, beta=10.0, gamma=1.0, lr=2e-3, batch_size=64, epochs=20),
+    # Sprites: the released code's configuration (run_cdsvae.sh and train_cdsvae.py defaults:
+    # s 256, z 32, frame feature 128, LSTM 256, lr 1e-3, batch 128, KL weights 1, both
+    # contrastive weights 10, 1000 epochs). MUG reuses it (our choice, not read from the paper).
+    "sprites": dict(PAPER_VIDEO, epochs=1000),
+    "mug": dict(PAPER_VIDEO, epochs=1000),
+    # Speech (20 log mel frames of 64): our choice of sizes for TIMIT and FSDD, not the paper's.
+    "timit": dict(static_dim=64, dynamic_dim=16, feature_dim=128, hidden_dim=256, mlp_width=256,
+                  alpha=1.0, beta=10.0, gamma=1.0, lr=1e-3, batch_size=128, epochs=100),
+    "fsdd": dict(static_dim=64, dynamic_dim=16, feature_dim=128, hidden_dim=128, mlp_width=256,
+                 alpha=1.0, beta=10.0, gamma=1.0, lr=1e-3, batch_size=128, epochs=100),
 }
-DATASET_DEFAULTS = {"shapes": dict(size=32, train=3000, test=600),
-                    "sm-mnist": dict(size=32, train=8000, test=2000)}
+GENERATED = {"shapes": dict(size=32, train=3000, test=600),
+             "sm-mnist": dict(size=32, train=8000, test=2000)}
+PREPARED_LAYOUTS = {
+    "sprites": "the LPC sprite-sheet layers <source>/{body,bottomwear,topwear,hair}/0..5.png, shoes/1.png",
+    "mug": "<root>/<subject>/<expression>/<take>/<frame>.jpg",
+    "sm-mnist": "a folder of MNIST IDX files (t10k-*, optionally train-*)",
+    "timit": "<root>/{TRAIN,TEST}/DR<n>/<speaker>/*.WAV",
+    "fsdd": "<root>/{label}_{speaker}_{index}.wav",
+}
 
 
-def load_dataset(name: str, data_dir: Optional[str] = None, size: Optional[int] = None,
+def load_prepared(directory: Path, expected: Optional[str] = None) -> Dataset:
+    """A folder written by ``cdsvae prepare`` (memory-mapped; see data_prep/common.py)."""
+    from data_prep import common
+
+    try:
+        meta = common.read_meta(directory)
+        if expected is not None and meta["dataset"] != expected:
+            raise UserError(f"{directory}: holds prepared '{meta['dataset']}', not '{expected}'")
+        splits = {}
+        for split in common.SPLITS:
+            sequences, labels, views = common.load_split(directory, split, meta)
+            splits[split] = Split(sequences, labels, views)
+    except common.PrepareError as error:
+        raise UserError(str(error)) from None
+    return Dataset(meta["dataset"], splits["train"], splits["test"], meta["kind"], meta["labels"],
+                   tuple(meta.get("disjoint", ())))
+
+
+def load_dataset(name: Optional[str], data_dir: Optional[str] = None, size: Optional[int] = None,
                  seed: int = 0) -> Dataset:
-    defaults = DATASET_DEFAULTS.get(name)
-    if defaults is None:
-        raise UserError(f"unknown dataset '{name}'; expected one of {', '.join(DATASET_DEFAULTS)}")
+    """A prepared folder (``data_dir`` with meta.json), or a dataset generated in memory: the
+    built-in shapes, or SM-MNIST from a folder of MNIST IDX files."""
+    if data_dir is not None and (Path(data_dir) / "meta.json").is_file():
+        return load_prepared(Path(data_dir), name)
+    name = name or "shapes"
+    if name not in PRESETS:
+        raise UserError(f"unknown dataset '{name}'; expected one of {', '.join(PRESETS)}")
+    if name not in GENERATED:
+        where = f"{data_dir} has no meta.json" if data_dir else "no --data-dir given"
+        raise UserError(f"{where}; expected a folder written by 'cdsvae prepare {name}'")
+    defaults = GENERATED[name]
     size = size or defaults["size"]
     if name == "shapes":
         from data_prep import shapes
@@ -635,7 +681,7 @@ def load_dataset(name: str, data_dir: Optional[str] = None, size: Optional[int] 
 
 def to_frames(sequences: np.ndarray, device) -> torch.Tensor:
     """A batch of stored sequences as model input: video (B, T, C, H, W) in [0, 1] or features."""
-    tensor = torch.from_numpy(np.ascontiguousarray(sequences)).to(device)
+    tensor = torch.from_numpy(np.array(sequences)).to(device)   # a copy: memmaps are read-only
     if tensor.dtype == torch.uint8:
         return tensor.permute(0, 1, 4, 2, 3).float().div_(255.0)
     return tensor.float()
@@ -690,24 +736,69 @@ def probe(model: CDSVAE, data: Dataset, device, sample: bool = True) -> dict:
     test_s, test_z = encode_split(model, data.test.sequences, device, sample, seed=1)
     latents = {"s": (train_s, test_s),
                "z": (train_z.reshape(len(train_z), -1), test_z.reshape(len(test_z), -1))}
+    factors = {f: k for f, k in data.kinds.items() if f not in data.disjoint}
     per_factor, result = {}, {}
     for latent, (train_x, test_x) in latents.items():
-        for factor in data.kinds:
+        for factor in factors:
             per_factor[f"{latent}/{factor}"] = probe_accuracy(
                 train_x, data.train.labels[factor], test_x, data.test.labels[factor],
                 len(data.classes[factor]))
     for latent in latents:
         for kind in ("static", "dynamic"):
-            values = [per_factor[f"{latent}/{f}"] for f, k in data.kinds.items() if k == kind]
+            values = [per_factor[f"{latent}/{f}"] for f, k in factors.items() if k == kind]
             result[f"{latent}_{kind}"] = float(np.mean(values)) if values else None
     chance = {}
     for kind in ("static", "dynamic"):   # always guessing the test split's majority class
         majority = [np.bincount(data.test.labels[f]).max() / len(data.test.labels[f])
-                    for f, k in data.kinds.items() if k == kind]
+                    for f, k in factors.items() if k == kind]
         chance[kind] = float(np.mean(majority)) if majority else None
     result["chance"] = chance
     result["per_factor"] = per_factor
     result["latents"] = "posterior samples" if sample else "posterior means"
+    return result
+
+
+def eer(scores, same) -> float:
+    """Equal error rate of a verification test: accept a pair when its score >= a threshold;
+    sweep the threshold and return the rate where false acceptances (different pairs accepted)
+    equal false rejections (same pairs rejected), interpolated between thresholds. In [0, 1]."""
+    scores, same = np.asarray(scores, dtype=np.float64).ravel(), np.asarray(same, dtype=bool).ravel()
+    if scores.shape != same.shape or same.all() or not same.any():
+        raise ValueError("eer needs scores and a same-class flag per pair, with both kinds of pair")
+    thresholds = np.concatenate([np.unique(scores), [np.inf]])
+    sorted_same, sorted_different = np.sort(scores[same]), np.sort(scores[~same])
+    false_reject = np.searchsorted(sorted_same, thresholds, side="left") / len(sorted_same)
+    false_accept = 1.0 - np.searchsorted(sorted_different, thresholds, side="left") / len(sorted_different)
+    gap = false_accept - false_reject                  # decreasing from >= 0 to < 0
+    i = int(np.argmax(gap < 0)) - 1                    # last threshold where FAR >= FRR
+    a, b = false_accept[i], false_accept[i + 1]
+    c, d = false_reject[i], false_reject[i + 1]
+    step = (a - c) / ((a - c) - (b - d))
+    return float(a + step * (b - a))
+
+
+def speaker_verification(model: CDSVAE, data: Dataset, device, factor: str = "speaker",
+                         max_pairs: int = 500_000, seed: int = 0) -> dict:
+    """EER of speaker verification on the test split by cosine similarity of s, and of the
+    time-averaged z. Disentangled: low for s (it knows the speaker), high for z."""
+    test_s, test_z = encode_split(model, data.test.sequences, device, sample=False)
+    speakers = np.asarray(data.test.labels[factor])
+    count = len(speakers)
+    if count * (count - 1) // 2 <= max_pairs:
+        first, second = np.triu_indices(count, k=1)
+    else:
+        rng = np.random.default_rng(seed)
+        first, second = rng.integers(0, count, (2, max_pairs))
+        keep = first != second
+        first, second = first[keep], second[keep]
+    same = speakers[first] == speakers[second]
+    result = {"pairs": int(len(first))}
+    if same.all() or not same.any():
+        return {**result, "skipped": "the test split needs pairs of the same and of different speakers"}
+    for latent, embedding in (("s", test_s), ("z", test_z.mean(axis=1))):
+        unit = embedding / (np.linalg.norm(embedding, axis=1, keepdims=True) + 1e-12)
+        scores = np.einsum("nd,nd->n", unit[first], unit[second])
+        result[f"eer_{latent}"] = eer(scores, same)
     return result
 
 
@@ -805,9 +896,11 @@ def train(cfg: Config, data: Dataset, out_dir: Path, device="cpu", log_every: in
     summary = {"dataset": data.name, "epochs": cfg.epochs, "steps": step,
                "train_seconds": round(train_seconds, 1), "device": str(device),
                "final": {k: v for k, v in record.items() if k not in ("step", "epoch")}}
-    if data.kinds:
+    if any(f not in data.disjoint for f in data.kinds):
         summary["probe"] = probe(model, data, device, sample=True)
         summary["probe_posterior_means"] = probe(model, data, device, sample=False)
+    if "speaker" in data.kinds and not cfg.is_video:
+        summary["speaker_verification"] = speaker_verification(model, data, device)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -958,8 +1051,8 @@ def _check_device(device: str) -> torch.device:
 
 @app.command("train")
 def train_command(
-    data: str = typer.Option("shapes", help="Dataset: shapes (built in, no download) or sm-mnist."),
-    data_dir: Optional[Path] = typer.Option(None, help="Folder with the dataset's files (sm-mnist: MNIST IDX files); without it, sm-mnist downloads MNIST."),
+    data: Optional[str] = typer.Option(None, help="Dataset: shapes (built in, the default), sm-mnist, or one prepared by 'cdsvae prepare' (sprites, mug, sm-mnist, timit, fsdd)."),
+    data_dir: Optional[Path] = typer.Option(None, help="A folder written by 'cdsvae prepare', or for sm-mnist a folder of MNIST IDX files (without it, sm-mnist downloads MNIST)."),
     out: Path = typer.Option(Path("runs/cdsvae"), help="Output folder."),
     epochs: Optional[int] = typer.Option(None, help="Epochs (default: the dataset preset's)."),
     batch_size: Optional[int] = typer.Option(None), lr: Optional[float] = typer.Option(None),
@@ -991,17 +1084,90 @@ def train_command(
         for name, value in overrides.items():
             if value <= 0 and name not in ("alpha", "beta", "gamma"):
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
-        cfg = Config(**{**PRESETS[data], **overrides}, frame_shape=dataset.frame_shape,
+        cfg = Config(**{**PRESETS[dataset.name], **overrides}, frame_shape=dataset.frame_shape,
                      frames=dataset.train.sequences.shape[1], mi=mi, content_aug=content_aug,
                      motion_aug=motion_aug, seed=seed)
         summary = train(cfg, dataset, out, resolved, log_every)
     typer.echo(f"trained {summary['steps']} steps in {summary['train_seconds']} s; wrote {out}/")
+    if "eer_s" in summary.get("speaker_verification", {}):
+        sv = summary["speaker_verification"]
+        typer.echo(f"speaker verification EER (test split): s {sv['eer_s']:.3f} (low is good), "
+                   f"z {sv['eer_z']:.3f} (high is good)")
     if "probe" in summary:
         p = summary["probe"]
+        show = lambda v: "  -  " if v is None else f"{v:.3f}"  # noqa: E731  (no factor of that kind)
         typer.echo("probe accuracy (test split)    static factors   dynamic factors")
-        typer.echo(f"  s (static latent)            {p['s_static']:.3f}            {p['s_dynamic']:.3f}")
-        typer.echo(f"  z (dynamic latents)          {p['z_static']:.3f}            {p['z_dynamic']:.3f}")
-        typer.echo(f"  chance                       {p['chance']['static']:.3f}            {p['chance']['dynamic']:.3f}")
+        typer.echo(f"  s (static latent)            {show(p['s_static'])}            {show(p['s_dynamic'])}")
+        typer.echo(f"  z (dynamic latents)          {show(p['z_static'])}            {show(p['z_dynamic'])}")
+        typer.echo(f"  chance                       {show(p['chance']['static'])}            {show(p['chance']['dynamic'])}")
+
+
+@app.command("prepare")
+def prepare_command(
+    dataset: str = typer.Argument(..., help="sprites, mug, sm-mnist, timit or fsdd (any folder of {label}_{speaker}_{index}.wav)."),
+    source: Optional[Path] = typer.Option(None, help="The dataset's files in their own layout (sm-mnist without it: download MNIST)."),
+    out: Path = typer.Option(..., help="Output folder (see README: one format for every dataset)."),
+    seed: int = typer.Option(0, help="Seed of the split and of the random augmentations."),
+    frame_size: Optional[int] = typer.Option(None, help="Frame height/width (sprites 64/32/16, mug, sm-mnist)."),
+    crop: Optional[str] = typer.Option(None, help="mug: face box as left,top,right,bottom fractions of the frame."),
+    n_mels: int = typer.Option(64, help="timit, fsdd: log mel bins per frame."),
+):
+    """Prepare a dataset from its own files into the common format that 'train' reads."""
+    from data_prep import common
+
+    with user_errors():
+        if dataset not in PREPARED_LAYOUTS:
+            raise UserError(f"unknown dataset '{dataset}'; expected one of {', '.join(PREPARED_LAYOUTS)}")
+        if source is None and dataset != "sm-mnist":
+            raise UserError(f"--source is required for {dataset}; expected {PREPARED_LAYOUTS[dataset]}")
+        if source is not None and not source.is_dir():
+            raise UserError(f"{source}: no such folder; expected {PREPARED_LAYOUTS[dataset]}")
+        try:
+            written = _prepare(dataset, source, out, seed, frame_size, crop, n_mels)
+        except common.PrepareError as error:
+            raise UserError(str(error)) from None
+    meta = json.loads((written / "meta.json").read_text())
+    counts = ", ".join(f"{split} {v['count']}" for split, v in meta["splits"].items())
+    typer.echo(f"wrote {written}/ ({meta['dataset']}: {counts} sequences)")
+
+
+def _prepare(dataset, source, out, seed, frame_size, crop, n_mels) -> Path:
+    from data_prep import common, mug, sm_mnist, sprites, timit
+
+    if dataset == "sprites":     # check the source's layout before the progress bar starts
+        sprites.check_source(source)
+    elif dataset == "sm-mnist" and source is not None:
+        try:
+            sm_mnist.check_source(source)
+        except sm_mnist.MnistError as error:
+            raise common.PrepareError(str(error)) from None
+    totals = {"mug": lambda: mug.count_takes(source),
+              "timit": lambda: timit.count_files(source, folder_mode=False),
+              "fsdd": lambda: timit.count_files(source, folder_mode=True)}
+    total = totals[dataset]() if dataset in totals else None
+    with _progress(True) as progress:
+        if dataset == "sprites":
+            task = progress.add_task("render", total=sprites.TOTAL_STEPS, terms="characters")
+            return sprites.prepare(source, out, seed, frame_size or 64,
+                                   progress=lambda n: progress.advance(task, n))
+        if dataset == "mug":
+            box = mug.DEFAULT_CROP
+            if crop is not None:
+                try:
+                    box = tuple(float(v) for v in crop.split(","))
+                except ValueError:
+                    raise UserError(f"--crop '{crop}': expected four fractions left,top,right,bottom") from None
+            task = progress.add_task("frames", total=total, terms="takes")
+            return mug.prepare(source, out, seed, frame_size or 64, box,
+                               progress=lambda n: progress.advance(task, n))
+        if dataset == "sm-mnist":
+            task = progress.add_task("render", total=10_000, terms="sequences")
+            return sm_mnist.prepare(source, out, seed, frame_size or 64,
+                                    progress=lambda n: progress.advance(task, n))
+        folder_mode = dataset == "fsdd"
+        task = progress.add_task("audio", total=total, terms="utterances")
+        prepare_audio = timit.prepare_folder if folder_mode else timit.prepare_timit
+        return prepare_audio(source, out, seed, n_mels, progress=lambda n: progress.advance(task, n))
 
 
 @app.command("encode")

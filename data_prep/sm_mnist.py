@@ -87,6 +87,14 @@ def _read_split(directory: Path, split: str):
     return images, labels.astype(np.int64)
 
 
+def check_source(directory: Path) -> None:
+    """The test files are there (before any work starts)."""
+    if not directory.is_dir() or _find(directory, "t10k", "images") is None or \
+            _find(directory, "t10k", "labels") is None:
+        raise MnistError(f"{directory}: expected MNIST IDX files t10k-images-idx3-ubyte[.gz] and "
+                         "t10k-labels-idx1-ubyte[.gz] (and optionally train-*)")
+
+
 def digit_pools(directory: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Disjoint training and test digit pools ``{"train": (images, labels), "test": ...}``."""
     directory = Path(directory)
@@ -181,3 +189,42 @@ def generate(images: np.ndarray, labels: np.ndarray, count: int, seed: int, size
         "motions": np.array([pair_index[tuple(q)] for q in quadrants], dtype=np.int64),
     }
     return videos[..., None], out_labels, trajectories
+
+
+def prepare(source, out_dir, seed: int = 0, size: int = 64, train_count: int = 8000,
+            test_count: int = 2000, progress=None):
+    """Write a fixed training and test set in the common format (see data_prep/common.py);
+    ``source`` is a folder of MNIST IDX files (``None``: download them to the cache)."""
+    from data_prep.common import PrepareError, PreparedWriter
+
+    try:
+        pools = digit_pools(source if source is not None else download(Path.home() / ".cache" / "cdsvae" / "mnist"))
+    except MnistError as error:
+        raise PrepareError(str(error)) from None
+    writer = PreparedWriter(out_dir)
+    try:
+        counts = {"train": train_count, "test": test_count}
+        for offset, (split, count) in enumerate(counts.items()):
+            videos, labels, trajectories = generate(*pools[split], count, seed + 10_000 * offset, size=size)
+            writer.save(split, "sequences", videos)
+            writer.save(split, "trajectories", trajectories)
+            for factor, values in labels.items():
+                writer.save(split, f"label_{factor}", values)
+            if progress is not None:
+                progress(count)
+        meta = {
+            "dataset": "sm-mnist",
+            "splits": {split: {"count": count} for split, count in counts.items()},
+            "labels": LABELS, "kind": KINDS, "disjoint": [],
+            "frame_shape": [1, size, size], "frames": 15,
+            "split_rule": ("training sequences from the MNIST training digits, test sequences from the "
+                           "test digits" if len(pools["train"][0]) > TEST_ONLY_TRAIN_POOL else
+                           "only the MNIST test digits: the first 8000 make training sequences, the "
+                           "last 2000 test sequences (disjoint digit pools)"),
+            "generator": f"seed {seed} (train), {seed + 10_000} (test); digits {size // 2} px, "
+                         f"speed up to {max(1, size // 16)} px per frame",
+        }
+        return writer.commit(meta)
+    except BaseException:
+        writer.abort()
+        raise

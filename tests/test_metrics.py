@@ -1,0 +1,34 @@
+"""Speaker-verification EER against hand-computed values."""
+import numpy as np
+import pytest
+
+import cdsvae
+
+
+def test_eer_of_separable_scores_is_zero():
+    assert cdsvae.eer([0.9, 0.8, 0.7, 0.1, 0.2], [True, True, True, False, False]) == 0.0
+
+
+def test_eer_of_inseparable_scores_is_one_half():
+    assert cdsvae.eer([0.5] * 6, [True, False] * 3) == pytest.approx(0.5)
+    # same and different pairs drawn from one distribution: close to 0.5
+    rng = np.random.default_rng(0)
+    scores = rng.standard_normal(20000)
+    assert cdsvae.eer(scores, rng.random(20000) < 0.3) == pytest.approx(0.5, abs=0.02)
+
+
+def test_eer_of_partially_overlapping_scores():
+    # same: 0.9 0.8 0.4, different: 0.7 0.3 0.2. Accepting scores >= 0.7 rejects one of three
+    # same pairs (0.4) and accepts one of three different pairs (0.7): FAR = FRR = 1/3.
+    scores = [0.9, 0.8, 0.4, 0.7, 0.3, 0.2]
+    same = [True, True, True, False, False, False]
+    assert cdsvae.eer(scores, same) == pytest.approx(1 / 3)
+
+
+def test_eer_of_reversed_scores_is_one():
+    assert cdsvae.eer([0.1, 0.2, 0.8, 0.9], [True, True, False, False]) == pytest.approx(1.0)
+
+
+def test_eer_needs_both_kinds_of_pair():
+    with pytest.raises(ValueError):
+        cdsvae.eer([0.1, 0.2], [True, True])
