@@ -20,6 +20,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import sys
 import time
 import warnings
@@ -110,7 +111,8 @@ def contrastive_mi(anchor: torch.Tensor, positive: torch.Tensor, tau: float) -> 
     """
     batch = anchor.shape[0]
     rows = F.normalize(torch.cat([anchor, positive]).float(), dim=1)
-    logits = rows @ rows.T / tau
+    with torch.autocast(rows.device.type, enabled=False):   # fp32 also under bf16 autocast
+        logits = rows @ rows.T / tau
     self_mask = torch.eye(2 * batch, dtype=torch.bool, device=rows.device)
     logits = logits.masked_fill(self_mask, float("-inf"))
     partner = torch.cat([torch.arange(batch, 2 * batch), torch.arange(batch)]).to(rows.device)
@@ -125,6 +127,38 @@ def infonce_mi(anchor: torch.Tensor, positive: torch.Tensor, tau: float) -> torc
         from kernels.infonce import contrastive_mi as fused
         return fused(anchor, positive, tau)
     return contrastive_mi(anchor, positive, tau)
+
+
+class _GatherBatch(torch.autograd.Function):
+    """All-gather along the batch, with gradients: the backward sums the gradient over ranks
+    and returns this rank's slice (all-reduce works on every backend, gloo included)."""
+
+    @staticmethod
+    def forward(ctx, local):
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, local.contiguous())
+        ctx.rank, ctx.size = dist.get_rank(), local.shape[0]
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        import torch.distributed as dist
+
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.size:(ctx.rank + 1) * ctx.size]
+
+
+def gather_batch(local: torch.Tensor) -> torch.Tensor:
+    """The global batch across DDP ranks, so the contrastive negatives and the MWS sums see it as
+    a single process would. Identity without torch.distributed."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return _GatherBatch.apply(local)
+    return local
 
 
 def _pairwise_log_density(sample, mean, logvar) -> torch.Tensor:
@@ -474,12 +508,17 @@ class CDSVAE(nn.Module):
 
         # Posterior, eq. (2), sampled with the reparameterization trick.
         static_mean, static_logvar = self.static_posterior(features)
-        static = reparameterize(static_mean, static_logvar, torch.randn_like(static_mean))
-        eps = features.new_empty(B, T, cfg.dynamic_dim).normal_()
+        static = reparameterize(static_mean, static_logvar, self.noise(static_mean.shape, features))
+        eps = self.noise((B, T, cfg.dynamic_dim), features)
         dynamic, dynamic_mean, dynamic_logvar = self.dynamic_posterior(features, eps)
         # Prior p(z_t | z_<t), eq. (1), teacher-forced with the posterior samples.
         prior_mean, prior_logvar = self.dynamic_prior(dynamic)
         recon = self.decode(static, dynamic)
+        # The objective is computed in fp32, also when the networks run under bf16 autocast.
+        x, recon, static, static_mean, static_logvar, dynamic, dynamic_mean, dynamic_logvar, \
+            prior_mean, prior_logvar = (v.float() for v in (
+                x, recon, static, static_mean, static_logvar, dynamic, dynamic_mean, dynamic_logvar,
+                prior_mean, prior_logvar))
 
         terms = {
             "recon": (recon - x).pow(2).sum() / B,
@@ -487,26 +526,29 @@ class CDSVAE(nn.Module):
                                 torch.zeros_like(static_mean), torch.zeros_like(static_logvar)).sum() / B,
             "kl_z": gaussian_kl(dynamic_mean, dynamic_logvar, prior_mean, prior_logvar).sum() / B,
         }
+        # The MI estimates see the global batch: under DDP, every rank's posteriors (with
+        # gradients); in a single process, the batch itself.
+        q_s = [gather_batch(v) for v in (static, static_mean, static_logvar)]
+        q_z = [gather_batch(v) for v in (dynamic, dynamic_mean, dynamic_logvar)]
         # I(s;x): contrastive against the content view, eq. (7-8). Frames are encoded one by one,
         # so permuting x's frame features *is* the encoding of x_content; only the sequence model
         # runs again.
         if use_content:
             order = content_order(B, T, device=x.device)
             content_features = torch.gather(features, 1, order.unsqueeze(-1).expand_as(features))
-            static_content_mean, _ = self.static_posterior(content_features)
-            terms["mi_sx"] = infonce_mi(static_mean, static_content_mean, cfg.tau)
+            static_content_mean = self.static_posterior(content_features)[0].float()
+            terms["mi_sx"] = infonce_mi(q_s[1], gather_batch(static_content_mean), cfg.tau)
         else:
-            terms["mi_sx"] = mws_mi_x(static, static_mean, static_logvar, cfg.dataset_size)
+            terms["mi_sx"] = mws_mi_x(*q_s, cfg.dataset_size)
         # I(z;x): contrastive between the posterior-mean trajectories of x and its motion view.
         if use_motion:
-            motion_eps = features.new_empty(B, T, cfg.dynamic_dim).normal_()
-            _, motion_mean, _ = self.dynamic_posterior(motion_features, motion_eps)
-            terms["mi_zx"] = infonce_mi(dynamic_mean.flatten(1), motion_mean.flatten(1), cfg.tau)
+            motion_eps = self.noise((B, T, cfg.dynamic_dim), features)
+            motion_mean = self.dynamic_posterior(motion_features, motion_eps)[1].float()
+            terms["mi_zx"] = infonce_mi(q_z[1].flatten(1), gather_batch(motion_mean).flatten(1), cfg.tau)
         else:
-            terms["mi_zx"] = mws_mi_x(dynamic, dynamic_mean, dynamic_logvar, cfg.dataset_size)
+            terms["mi_zx"] = mws_mi_x(*q_z, cfg.dataset_size)
         # I(z;s) by minibatch-weighted sampling.
-        terms["mi_zs"] = mws_mi_zs(static, static_mean, static_logvar,
-                                   dynamic, dynamic_mean, dynamic_logvar, cfg.dataset_size)
+        terms["mi_zs"] = mws_mi_zs(*q_s, *q_z, cfg.dataset_size)
 
         # Eq. (6), negated: recon - alpha (KL_s + KL_z) + beta (I(s;x) + I(z;x)) - gamma I(z;s).
         loss = terms["recon"] + cfg.alpha * (terms["kl_s"] + terms["kl_z"])
@@ -514,6 +556,11 @@ class CDSVAE(nn.Module):
             loss = loss - cfg.beta * (terms["mi_sx"] + terms["mi_zx"]) + cfg.gamma * terms["mi_zs"]
         terms["loss"] = loss
         return loss, {name: value.detach() for name, value in terms.items()}
+
+    @staticmethod
+    def noise(shape, like: torch.Tensor) -> torch.Tensor:
+        """Standard normal draws for the reparameterization trick (one place, so tests can fix them)."""
+        return torch.randn(shape, device=like.device, dtype=like.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -611,7 +658,7 @@ PRESETS = {
     "timit": dict(static_dim=64, dynamic_dim=16, feature_dim=128, hidden_dim=256, mlp_width=256,
                   alpha=1.0, beta=10.0, gamma=1.0, lr=1e-3, batch_size=128, epochs=100),
     "fsdd": dict(static_dim=64, dynamic_dim=16, feature_dim=128, hidden_dim=128, mlp_width=256,
-                 alpha=1.0, beta=10.0, gamma=1.0, lr=1e-3, batch_size=128, epochs=100),
+                 alpha=1.0, beta=10.0, gamma=1.0, lr=1e-3, batch_size=128, epochs=50),
 }
 GENERATED = {"shapes": dict(size=32, train=3000, test=600),
              "sm-mnist": dict(size=32, train=8000, test=2000)}
@@ -822,8 +869,8 @@ def _reason(error: Exception) -> str:
     return f"{type(error).__name__}: {lines[0][:100]}" if lines else type(error).__name__
 
 
-def load_checkpoint(path, device="cpu") -> CDSVAE:
-    """Load a checkpoint written by ``train`` (``weights_only=True``: no code is run)."""
+def read_checkpoint(path, device="cpu") -> dict:
+    """A checkpoint's validated contents (``weights_only=True``: unpickling runs no code)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such checkpoint file; expected a .pt written by 'cdsvae train'")
@@ -843,59 +890,176 @@ def load_checkpoint(path, device="cpu") -> CDSVAE:
         raise UserError(f"{path}: not a cdsvae checkpoint (expected a dict with format "
                         f"'{CHECKPOINT_FORMAT}', config and state_dict)")
     try:
-        model = CDSVAE(Config.from_dict(payload["config"]))
-        model.load_state_dict(payload["state_dict"])
+        payload["config"] = Config.from_dict(payload["config"])
+        CDSVAE(payload["config"]).load_state_dict(payload["state_dict"])
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
         raise UserError(f"{path}: cdsvae checkpoint with a bad config or weights ({_reason(error)})") from None
+    return payload
+
+
+def load_checkpoint(path, device="cpu") -> CDSVAE:
+    """The model of a checkpoint written by ``train``, in eval mode."""
+    payload = read_checkpoint(path, device)
+    model = CDSVAE(payload["config"])
+    model.load_state_dict(payload["state_dict"])
     return model.to(device).eval()
 
 
+class TrainingStopped(Exception):
+    """Training cannot go on (e.g. too many non-finite steps in a row); one-line message."""
+
+
+def _distributed(device: torch.device):
+    """(rank, world size, device) under torchrun (WORLD_SIZE > 1): gloo on CPU, NCCL on CUDA."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, device
+    import torch.distributed as dist
+
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def _resume_state(out_dir: Path, device) -> dict:
+    payload = read_checkpoint(out_dir / "last.pt", device)
+    needed = ("optimizer", "epoch", "step", "rng")
+    if any(key not in payload for key in needed) or not isinstance(payload["rng"], dict):
+        raise UserError(f"{out_dir / 'last.pt'}: no training state to resume from (expected "
+                        f"{', '.join(needed)}); expected a last.pt written by 'cdsvae train'")
+    return payload
+
+
 def train(cfg: Config, data: Dataset, out_dir: Path, device="cpu", log_every: int = 10,
-          show_progress: bool = True) -> dict:
+          show_progress: bool = True, resume: bool = False, keep: int = 1, max_nonfinite: int = 10,
+          sync_bn: bool = False, precision: str = "auto") -> dict:
     """Train on ``data.train``; write config.json, metrics.jsonl, last.pt and summary.json (with
-    the latent probe) to ``out_dir``. Returns the summary."""
+    the latent probe) to ``out_dir``. Returns the summary.
+
+    - ``resume``: continue from ``out_dir/last.pt`` (model, optimiser, epoch and step, RNG states,
+      data order); every setting comes from the checkpoint. A seeded run resumed after a kill ends
+      as the uninterrupted run would. Checkpoints are written atomically after each epoch;
+      ``keep`` > 1 also keeps that many epoch-NNNN.pt files.
+    - A step whose loss or gradients are not finite is skipped and logged; ``max_nonfinite`` in a
+      row stop training (TrainingStopped). No non-finite checkpoint is ever written.
+    - Under torchrun (WORLD_SIZE > 1) the global batch ``cfg.batch_size`` is split over the ranks;
+      DDP averages gradients, the MI estimates gather the global batch; rank 0 writes.
+    - ``precision``: "bf16" runs the networks under bf16 autocast with TF32 matmuls (CUDA only;
+      the objective stays fp32), "fp32" does not, "auto" picks bf16 on CUDA and fp32 on CPU.
+    """
+    device = torch.device(device)
+    state = _resume_state(out_dir, device) if resume else None   # validated before any write
+    if state is not None:
+        cfg = state["config"]
+        if tuple(cfg.frame_shape) != tuple(data.frame_shape):
+            raise UserError(f"{out_dir / 'last.pt'} was trained on frames {cfg.frame_shape}, the data "
+                            f"has {data.frame_shape}; expected the dataset the run started with")
+    rank, world, device = _distributed(device)
+    main_process = rank == 0
+    if cfg.batch_size % world:
+        raise UserError(f"batch size {cfg.batch_size} does not split over {world} processes")
+    if sync_bn and device.type != "cuda":
+        raise UserError("--sync-bn needs CUDA (SyncBatchNorm); expected it off on CPU")
+    if precision not in ("auto", "fp32", "bf16") or (precision == "bf16" and device.type != "cuda"):
+        raise UserError(f"--precision {precision}: expected auto, fp32, or bf16 (CUDA only)")
+    mixed = device.type == "cuda" and precision in ("auto", "bf16")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = mixed
     torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    out_dir.mkdir(parents=True, exist_ok=True)
     cfg.dataset_size = len(data.train.sequences)
     model = CDSVAE(cfg).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
-    (out_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
     order_generator = torch.Generator().manual_seed(cfg.seed)
+    first_epoch, step = 0, 0
+    if state is not None:
+        model.load_state_dict(state["state_dict"])
+        optimizer.load_state_dict(state["optimizer"])
+        first_epoch, step = int(state["epoch"]), int(state["step"])
+        order_generator.set_state(state["rng"]["order"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if device.type == "cuda" and "cuda" in state["rng"]:
+            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+    elif world > 1:
+        torch.manual_seed(cfg.seed + 1_000_003 * rank)   # independent noise and augmentations per rank
+    net = model
+    if world > 1:
+        if sync_bn:
+            net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
+
     count = len(data.train.sequences)
-    batch_size = min(cfg.batch_size, count)
+    batch_size = min(cfg.batch_size, count - count % world)
+    local_batch = batch_size // world
     steps_per_epoch = count // batch_size
-    started, step = time.time(), 0
-    metrics_file = (out_dir / "metrics.jsonl").open("w")
-    progress = _progress(show_progress)
+    metrics_path = out_dir / "metrics.jsonl"
+    if main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+        kept = []
+        if state is not None and metrics_path.is_file():   # drop what was logged after last.pt
+            kept = [line for line in metrics_path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= step]
+        metrics_path.write_text("".join(line + "\n" for line in kept))
+    started, record, nonfinite_streak = time.time(), {}, 0
+    progress = _progress(show_progress and main_process)
+    metrics_file = metrics_path.open("a") if main_process else contextlib.nullcontext()
     with progress, metrics_file:
-        task = progress.add_task("train", total=cfg.epochs * steps_per_epoch, terms="")
-        for epoch in range(cfg.epochs):
-            model.train()
+        task = progress.add_task("train", total=cfg.epochs * steps_per_epoch,
+                                 completed=first_epoch * steps_per_epoch, terms="")
+        for epoch in range(first_epoch, cfg.epochs):
+            net.train()
             order = torch.randperm(count, generator=order_generator).numpy()
             for batch_start in range(0, steps_per_epoch * batch_size, batch_size):
                 index = np.sort(order[batch_start:batch_start + batch_size])
+                index = index[rank * local_batch:(rank + 1) * local_batch]    # this rank's shard
                 x = to_frames(data.train.sequences[index], device)
                 views = data.train.motion_views
                 motion_view = to_frames(views[index], device) if views is not None else None
-                loss, terms = model(x, motion_view)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed):
+                    loss, terms = net(x, motion_view)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                optimizer.step()
+                finite = torch.isfinite(loss.detach()).float()
+                for parameter in model.parameters():
+                    if parameter.grad is not None:
+                        finite = finite * torch.isfinite(parameter.grad).all()
+                if world > 1:
+                    torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
                 step += 1
-                if step % log_every == 0 or step == 1:
-                    record = {"step": step, "epoch": epoch,
-                              **{name: round(float(v), 5) for name, v in terms.items()}}
-                    metrics_file.write(json.dumps(record) + "\n")
-                    metrics_file.flush()
-                    shown = ("recon", "kl_s", "kl_z", "mi_sx", "mi_zx", "mi_zs")
-                    progress.update(task, terms=" ".join(f"{k} {record[k]:.3g}" for k in shown))
+                if finite.item():
+                    optimizer.step()
+                    nonfinite_streak = 0
+                    if step % log_every == 0 or step == 1:
+                        record = {"step": step, "epoch": epoch,
+                                  **{name: round(float(v), 5) for name, v in terms.items()}}
+                        shown = ("recon", "kl_s", "kl_z", "mi_sx", "mi_zx", "mi_zs")
+                        progress.update(task, terms=" ".join(f"{k} {record[k]:.3g}" for k in shown))
+                        if main_process:
+                            metrics_file.write(json.dumps(record) + "\n")
+                else:
+                    nonfinite_streak += 1
+                    if main_process:
+                        metrics_file.write(json.dumps({"step": step, "epoch": epoch,
+                                                       "skipped": "non-finite loss or gradients"}) + "\n")
+                    if nonfinite_streak >= max_nonfinite:
+                        raise TrainingStopped(
+                            f"training stopped at step {step}: {nonfinite_streak} steps in a row with a "
+                            f"non-finite loss or gradients (--max-nonfinite {max_nonfinite}); lower "
+                            f"--lr or check the data. {out_dir / 'last.pt'} holds the last finite state")
                 progress.advance(task)
-            save_checkpoint(model, out_dir / "last.pt", epoch=epoch, step=step)
-    train_seconds = time.time() - started
+            if main_process:
+                metrics_file.flush()
+                _save_training_state(model, optimizer, order_generator, epoch, step, out_dir, keep, device)
+    if world > 1:
+        torch.distributed.barrier()
     summary = {"dataset": data.name, "epochs": cfg.epochs, "steps": step,
-               "train_seconds": round(train_seconds, 1), "device": str(device),
+               "train_seconds": round(time.time() - started, 1), "device": str(device),
+               "processes": world, "precision": "bf16" if mixed else "fp32",
                "final": {k: v for k, v in record.items() if k not in ("step", "epoch")}}
+    if not main_process:
+        return summary
     if any(f not in data.disjoint for f in data.kinds):
         summary["probe"] = probe(model, data, device, sample=True)
         summary["probe_posterior_means"] = probe(model, data, device, sample=False)
@@ -903,6 +1067,24 @@ def train(cfg: Config, data: Dataset, out_dir: Path, device="cpu", log_every: in
         summary["speaker_verification"] = speaker_verification(model, data, device)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _save_training_state(model, optimizer, order_generator, epoch, step, out_dir: Path, keep: int, device):
+    """last.pt (and, with keep > 1, epoch-NNNN.pt files): everything --resume needs."""
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise TrainingStopped(f"parameters became non-finite at step {step}; no checkpoint written")
+    rng = {"torch": torch.get_rng_state(), "order": order_generator.get_state()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    save_checkpoint(model, out_dir / "last.pt", optimizer=optimizer.state_dict(), epoch=epoch + 1,
+                    step=step, rng=rng)
+    if keep > 1:
+        copy = out_dir / f"epoch-{epoch + 1:04d}.pt"
+        temporary = copy.with_name(copy.name + ".tmp")
+        shutil.copyfile(out_dir / "last.pt", temporary)
+        os.replace(temporary, copy)
+        for old in sorted(out_dir.glob("epoch-*.pt"))[:-keep]:
+            old.unlink()
 
 
 def _progress(enabled: bool):
@@ -924,12 +1106,16 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 
 @contextlib.contextmanager
 def user_errors():
-    """Bad input becomes one line on stderr and exit status 2, never a traceback."""
+    """Bad input becomes one line on stderr and exit status 2, never a traceback; a training run
+    that cannot go on, one line and exit status 1."""
     try:
         yield
     except UserError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from None
+    except TrainingStopped as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(1) from None
 
 
 def load_sequences(path: Path, cfg: Config):
@@ -1070,6 +1256,11 @@ def train_command(
     seed: int = typer.Option(0),
     device: str = typer.Option(default_device(), help="cpu, cuda or cuda:N."),
     log_every: int = typer.Option(10, help="Write metrics.jsonl every N steps."),
+    resume: bool = typer.Option(False, help="Continue the run in --out from its last.pt (every setting comes from the checkpoint)."),
+    keep: int = typer.Option(1, help="Also keep the last K epoch-NNNN.pt checkpoints (K > 1)."),
+    max_nonfinite: int = typer.Option(10, help="Stop after this many steps in a row with a non-finite loss or gradients (each is skipped)."),
+    sync_bn: bool = typer.Option(False, help="Synchronise BatchNorm statistics across DDP processes (CUDA)."),
+    precision: str = typer.Option("auto", help="auto (bf16 autocast + TF32 on CUDA, fp32 on CPU), fp32, or bf16 (CUDA)."),
 ):
     """Train C-DSVAE; writes config.json, metrics.jsonl, last.pt and summary.json to --out."""
     with user_errors():
@@ -1087,7 +1278,10 @@ def train_command(
         cfg = Config(**{**PRESETS[dataset.name], **overrides}, frame_shape=dataset.frame_shape,
                      frames=dataset.train.sequences.shape[1], mi=mi, content_aug=content_aug,
                      motion_aug=motion_aug, seed=seed)
-        summary = train(cfg, dataset, out, resolved, log_every)
+        summary = train(cfg, dataset, out, resolved, log_every, resume=resume, keep=keep,
+                        max_nonfinite=max_nonfinite, sync_bn=sync_bn, precision=precision)
+        if summary.get("processes", 1) > 1 and int(os.environ.get("RANK", "0")) != 0:
+            return
     typer.echo(f"trained {summary['steps']} steps in {summary['train_seconds']} s; wrote {out}/")
     if "eer_s" in summary.get("speaker_verification", {}):
         sv = summary["speaker_verification"]

@@ -30,6 +30,17 @@ def _tanh(x):
 
 
 @triton.jit
+def _add_gate_dots(acc_i, acc_f, acc_g, acc_o, r, w_ptrs, w_mask, gate_stride, PRECISION: tl.constexpr):
+    """acc_gate += r @ W_gate^T for the four gates; ``w_ptrs`` point at gate i's rows and each
+    next gate's rows lie ``gate_stride`` elements further."""
+    acc_i += tl.dot(r, tl.load(w_ptrs, mask=w_mask, other=0.0).to(tl.float32), input_precision=PRECISION)
+    acc_f += tl.dot(r, tl.load(w_ptrs + gate_stride, mask=w_mask, other=0.0).to(tl.float32), input_precision=PRECISION)
+    acc_g += tl.dot(r, tl.load(w_ptrs + 2 * gate_stride, mask=w_mask, other=0.0).to(tl.float32), input_precision=PRECISION)
+    acc_o += tl.dot(r, tl.load(w_ptrs + 3 * gate_stride, mask=w_mask, other=0.0).to(tl.float32), input_precision=PRECISION)
+    return acc_i, acc_f, acc_g, acc_o
+
+
+@triton.jit
 def _lstm_sample_fwd_kernel(
     gates_in_ptr, w_ptr, head_w_ptr, head_b_ptr, eps_ptr,       # inputs
     z_ptr, mean_ptr, logvar_ptr,                                  # outputs (B, T, DZ)
@@ -63,24 +74,18 @@ def _lstm_sample_fwd_kernel(
                 k_ok = ks < DZ
                 r = tl.load(z_ptr + before[:, None] * DZ + ks[None, :],
                             mask=has_before[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-                w_base = w_ptr + hcols[None, :] * K + ks[:, None]
-                w_mask = k_ok[:, None] & h_ok[None, :]
-                acc_i += tl.dot(r, tl.load(w_base, mask=w_mask, other=0.0).to(tl.float32), input_precision=PRECISION)
-                acc_f += tl.dot(r, tl.load(w_base + H * K, mask=w_mask, other=0.0).to(tl.float32), input_precision=PRECISION)
-                acc_g += tl.dot(r, tl.load(w_base + 2 * H * K, mask=w_mask, other=0.0).to(tl.float32), input_precision=PRECISION)
-                acc_o += tl.dot(r, tl.load(w_base + 3 * H * K, mask=w_mask, other=0.0).to(tl.float32), input_precision=PRECISION)
+                acc_i, acc_f, acc_g, acc_o = _add_gate_dots(
+                    acc_i, acc_f, acc_g, acc_o, r, w_ptr + hcols[None, :] * K + ks[:, None],
+                    k_ok[:, None] & h_ok[None, :], H * K, PRECISION)
             # recurrent input, h part: h_{t-1} @ W[:, DZ:]^T
             for k0 in range(0, H, BLOCK_K):
                 ks = k0 + tl.arange(0, BLOCK_K)
                 k_ok = ks < H
                 r = tl.load(h_ptr + before[:, None] * H + ks[None, :],
                             mask=has_before[:, None] & k_ok[None, :], other=0.0)
-                w_base = w_ptr + hcols[None, :] * K + DZ + ks[:, None]
-                w_mask = k_ok[:, None] & h_ok[None, :]
-                acc_i += tl.dot(r, tl.load(w_base, mask=w_mask, other=0.0).to(tl.float32), input_precision=PRECISION)
-                acc_f += tl.dot(r, tl.load(w_base + H * K, mask=w_mask, other=0.0).to(tl.float32), input_precision=PRECISION)
-                acc_g += tl.dot(r, tl.load(w_base + 2 * H * K, mask=w_mask, other=0.0).to(tl.float32), input_precision=PRECISION)
-                acc_o += tl.dot(r, tl.load(w_base + 3 * H * K, mask=w_mask, other=0.0).to(tl.float32), input_precision=PRECISION)
+                acc_i, acc_f, acc_g, acc_o = _add_gate_dots(
+                    acc_i, acc_f, acc_g, acc_o, r, w_ptr + hcols[None, :] * K + DZ + ks[:, None],
+                    k_ok[:, None] & h_ok[None, :], H * K, PRECISION)
             gate_i, gate_f = _sigmoid(acc_i), _sigmoid(acc_f)
             gate_g, gate_o = _tanh(acc_g), _sigmoid(acc_o)
             c_prev = tl.load(c_ptr + before[:, None] * H + hcols[None, :],

@@ -169,6 +169,9 @@ def test_train_rejects_bad_options(tmp_path):
                           "--out", tmp_path / "r"), "MNIST")
     assert_user_error(run("train", "--device", "cuda:7" if not torch.cuda.is_available() else "tpu",
                           "--out", tmp_path / "r"), "expected")
+    assert_user_error(run("train", "--precision", "bf16", "--device", "cpu", "--out", tmp_path / "r"), "CUDA only")
+    assert_user_error(run("train", "--sync-bn", "--device", "cpu", "--out", tmp_path / "r"), "--sync-bn needs CUDA")
+    assert_user_error(run("train", "--resume", "--out", tmp_path / "r"), "no such checkpoint")
     assert not (tmp_path / "r").exists()
 
 

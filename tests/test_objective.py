@@ -165,3 +165,15 @@ def test_mws_ablation_uses_mws_estimates_everywhere():
     _, terms = model(torch.rand(5, 4, 3, 16, 16))
     # MWS estimates carry the + log(B N) offset; contrastive ones are bounded by log(2B - 1).
     assert terms["mi_sx"] > math.log(9)
+
+
+def test_objective_stays_fp32_under_bf16_autocast():
+    torch.manual_seed(0)
+    model = small_model()
+    x = torch.rand(5, 4, 3, 16, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, terms = model(x)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert all(value.dtype == torch.float32 for value in terms.values())
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
