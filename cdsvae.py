@@ -805,6 +805,35 @@ def probe(model: CDSVAE, data: Dataset, device, sample: bool = True) -> dict:
     return result
 
 
+def _probabilities(p) -> np.ndarray:
+    p = np.asarray(p, dtype=np.float64)
+    if p.ndim != 2 or (p < 0).any() or not np.allclose(p.sum(axis=1), 1.0, atol=1e-4):
+        raise ValueError("expected (N, classes) rows of class probabilities")
+    return p
+
+
+def entropy_yx(p) -> float:
+    """H(y|x): the mean entropy (nats) of the judge's prediction for each generation; low when
+    the judge is sure what each generation shows."""
+    p = _probabilities(p)
+    return float(-(p * np.log(np.clip(p, 1e-12, None))).sum(axis=1).mean())
+
+
+def entropy_y(p) -> float:
+    """H(y): the entropy (nats) of the mean prediction; high when the generations cover the
+    classes evenly."""
+    marginal = _probabilities(p).mean(axis=0)
+    return float(-(marginal * np.log(np.clip(marginal, 1e-12, None))).sum())
+
+
+def inception_score(p) -> float:
+    """exp E_x KL(p(y|x) || p(y)), from the judge's class probabilities of N generations."""
+    p = _probabilities(p)
+    marginal = p.mean(axis=0, keepdims=True)
+    kl = (p * (np.log(np.clip(p, 1e-12, None)) - np.log(np.clip(marginal, 1e-12, None)))).sum(axis=1)
+    return float(np.exp(kl.mean()))
+
+
 def eer(scores, same) -> float:
     """Equal error rate of a verification test: accept a pair when its score >= a threshold;
     sweep the threshold and return the rate where false acceptances (different pairs accepted)
@@ -847,6 +876,153 @@ def speaker_verification(model: CDSVAE, data: Dataset, device, factor: str = "sp
         scores = np.einsum("nd,nd->n", unit[first], unit[second])
         result[f"eer_{latent}"] = eer(scores, same)
     return result
+
+
+class Judge(nn.Module):
+    """The supervised judge C of the paper's evaluation: one classifier head per labelled factor,
+    on a frame encoder and a bidirectional LSTM averaged over time."""
+
+    def __init__(self, cfg: Config, classes: dict):
+        super().__init__()
+        self.cfg, self.classes = cfg, classes
+        self.frame_encoder = ConvFrameEncoder(cfg) if cfg.is_video else MlpFrameEncoder(cfg)
+        self.lstm = nn.LSTM(cfg.feature_dim, cfg.hidden_dim, batch_first=True, bidirectional=True)
+        self.heads = nn.ModuleDict({factor: nn.Linear(2 * cfg.hidden_dim, len(names))
+                                    for factor, names in classes.items()})
+
+    def forward(self, x) -> dict:                              # factor -> logits (B, classes)
+        B, T = x.shape[:2]
+        features = self.frame_encoder(x.flatten(0, 1)).view(B, T, -1)
+        summary = self.lstm(features)[0].mean(dim=1)
+        return {factor: head(summary) for factor, head in self.heads.items()}
+
+
+JUDGE_FORMAT = "cdsvae-judge-1"
+
+
+@torch.no_grad()
+def judge_probabilities(judge: Judge, frames: torch.Tensor) -> dict:
+    judge.eval()
+    return {factor: F.softmax(logits.float(), dim=1).cpu().numpy() for factor, logits in judge(frames).items()}
+
+
+def train_judge(data: Dataset, device, epochs: int, out: Path, seed: int = 0, batch_size: int = 64,
+                show_progress: bool = True) -> dict:
+    """Train the judge on the training split (every factor whose classes are shared by the
+    splits), report its test accuracy per head, save it to ``out``."""
+    torch.manual_seed(seed)
+    classes = {f: data.classes[f] for f in data.kinds if f not in data.disjoint}
+    cfg = Config(frame_shape=data.frame_shape, frames=data.train.sequences.shape[1], feature_dim=128,
+                 hidden_dim=128, conv_width=32, mlp_width=256)
+    judge = Judge(cfg, classes).to(device)
+    optimizer = torch.optim.Adam(judge.parameters(), lr=1e-3)
+    generator = torch.Generator().manual_seed(seed)
+    count = len(data.train.sequences)
+    steps = max(1, count // batch_size)
+    with _progress(show_progress) as progress:
+        task = progress.add_task("judge", total=epochs * steps, terms="")
+        for _ in range(epochs):
+            judge.train()
+            order = torch.randperm(count, generator=generator).numpy()
+            for start in range(0, steps * batch_size, batch_size):
+                index = np.sort(order[start:start + batch_size])
+                logits = judge(to_frames(data.train.sequences[index], device))
+                loss = sum(F.cross_entropy(logits[f], torch.as_tensor(data.train.labels[f][index], device=device))
+                           for f in classes)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                progress.update(task, advance=1, terms=f"loss {loss.item():.3g}")
+    accuracy = {f: 0 for f in classes}
+    for start in range(0, len(data.test.sequences), 256):
+        probabilities = judge_probabilities(judge, to_frames(data.test.sequences[start:start + 256], device))
+        for f in classes:
+            accuracy[f] += int((probabilities[f].argmax(1) == data.test.labels[f][start:start + 256]).sum())
+    accuracy = {f: hits / len(data.test.sequences) for f, hits in accuracy.items()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save({"format": JUDGE_FORMAT, "config": asdict(cfg), "classes": classes,
+                 "kinds": {f: data.kinds[f] for f in classes}, "dataset": data.name,
+                 "test_accuracy": accuracy, "state_dict": judge.state_dict()}, out)
+    return accuracy
+
+
+def load_judge(path, device="cpu") -> Judge:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such judge file; expected a .pt written by 'cdsvae judge'")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            payload = torch.load(path, map_location=device, weights_only=True)
+        if not isinstance(payload, dict) or payload.get("format") != JUDGE_FORMAT:
+            raise ValueError(f"format is not '{JUDGE_FORMAT}'")
+        judge = Judge(Config.from_dict(payload["config"]), payload["classes"])
+        judge.load_state_dict(payload["state_dict"])
+    except Exception as error:
+        raise UserError(f"{path}: not a cdsvae judge ({_reason(error)}); expected a .pt written by "
+                        "'cdsvae judge'") from None
+    judge.kinds = payload["kinds"]
+    return judge.to(device).eval()
+
+
+@torch.no_grad()
+def evaluate(model: CDSVAE, judge: Judge, data: Dataset, device, repeat: int = 1, seed: int = 0,
+             batch_size: int = 256) -> dict:
+    """The paper's protocol on the test split, ``repeat`` sampling rounds (mean and spread).
+
+    - fixed dynamic: z_1:T from the posterior (mean), s ~ p(s); the judge scores the dynamic
+      factors (Acc against the source's labels, and IS, H(y|x), H(y) of its predictions);
+    - fixed static: s from the posterior (mean), z_1:T ~ p(z); the judge scores the static factors;
+    - swap: s of each test sequence with z of another; Acc of the static factors against the
+      static source and of the dynamic factors against the dynamic source.
+    Every generation of the test split is scored (no class-balanced selection).
+    """
+    model.eval()
+    rounds = []
+    for round_index in range(repeat):
+        generator = torch.Generator(device=device).manual_seed(seed + round_index)
+        shuffle = torch.Generator().manual_seed(seed + round_index)
+        collected = {"fixed_dynamic": [], "fixed_static": [], "swap": []}
+        labels = {f: np.asarray(data.test.labels[f]) for f in judge.classes}
+        partners = torch.randperm(len(data.test.sequences), generator=shuffle).numpy()
+        for start in range(0, len(data.test.sequences), batch_size):
+            stop = min(start + batch_size, len(data.test.sequences))
+            x = to_frames(data.test.sequences[start:stop], device)
+            partner = to_frames(data.test.sequences[partners[start:stop]], device)
+            encoding, partner_encoding = model.encode(x), model.encode(partner)
+            generations = {
+                "fixed_dynamic": generate(model, dynamic=encoding.dynamic_mean, generator=generator),
+                "fixed_static": generate(model, static=encoding.static_mean, frames=x.shape[1], generator=generator),
+                "swap": model.decode(encoding.static_mean, partner_encoding.dynamic_mean),
+            }
+            for name, frames in generations.items():
+                collected[name].append(judge_probabilities(judge, frames))
+        partner_labels = {f: labels[f][partners] for f in judge.classes}
+        result = {}
+        for name, batches in collected.items():
+            probabilities = {f: np.concatenate([b[f] for b in batches]) for f in judge.classes}
+            for factor, kind in judge.kinds.items():
+                if name == "fixed_dynamic" and kind != "dynamic" or name == "fixed_static" and kind != "static":
+                    continue
+                truth = partner_labels[factor] if name == "swap" and kind == "dynamic" else labels[factor]
+                p = probabilities[factor]
+                result[f"{name}/{factor}"] = {"acc": float((p.argmax(1) == truth).mean()),
+                                              "is": inception_score(p), "h_yx": entropy_yx(p), "h_y": entropy_y(p)}
+        rounds.append(result)
+    summary = {}
+    for key in rounds[0]:
+        summary[key] = {metric: {"mean": float(np.mean([r[key][metric] for r in rounds])),
+                                 "std": float(np.std([r[key][metric] for r in rounds]))}
+                        for metric in rounds[0][key]}
+    return {"rounds": repeat, "results": summary}
+
+
+def evaluation_table(report: dict) -> str:
+    lines = ["| protocol / factor | Acc | IS | H(y|x) | H(y) |", "|---|---|---|---|---|"]
+    for key, metrics in report["results"].items():
+        cells = " | ".join(f"{metrics[m]['mean']:.3f} ± {metrics[m]['std']:.3f}" for m in ("acc", "is", "h_yx", "h_y"))
+        lines.append(f"| {key} | {cells} |")
+    return "\n".join(lines)
 
 
 CHECKPOINT_FORMAT = "cdsvae-checkpoint-1"
@@ -1362,6 +1538,59 @@ def _prepare(dataset, source, out, seed, frame_size, crop, n_mels) -> Path:
         task = progress.add_task("audio", total=total, terms="utterances")
         prepare_audio = timit.prepare_folder if folder_mode else timit.prepare_timit
         return prepare_audio(source, out, seed, n_mels, progress=lambda n: progress.advance(task, n))
+
+
+@app.command("judge")
+def judge_command(
+    data: Optional[str] = typer.Option(None, help="Dataset (as for train)."),
+    data_dir: Optional[Path] = typer.Option(None, help="Prepared folder (as for train)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Where to write the judge (.pt)."),
+    epochs: int = typer.Option(20), seed: int = typer.Option(0),
+    frame_size: Optional[int] = typer.Option(None),
+    device: str = typer.Option(default_device()),
+):
+    """Train the supervised judge classifier on real sequences; report its test accuracy per head."""
+    with user_errors():
+        if epochs < 1:
+            raise UserError(f"--epochs must be positive, got {epochs}")
+        resolved = _check_device(device)
+        dataset = load_dataset(data, str(data_dir) if data_dir else None, frame_size, seed)
+        accuracy = train_judge(dataset, resolved, epochs, output, seed)
+    typer.echo(f"wrote {output}; judge test accuracy: " + ", ".join(f"{f} {a:.4f}" for f, a in accuracy.items()))
+
+
+@app.command("eval")
+def eval_command(
+    ckpt: Path = typer.Option(...), judge: Path = typer.Option(...),
+    data: Optional[str] = typer.Option(None), data_dir: Optional[Path] = typer.Option(None),
+    repeat: int = typer.Option(1, help="Sampling rounds to average (the spread is reported)."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write the JSON report here."),
+    frame_size: Optional[int] = typer.Option(None), seed: int = typer.Option(0),
+    device: str = typer.Option(default_device()),
+):
+    """The paper's protocol on the test split: fixed-factor generation and swaps scored by the
+    judge (Acc, IS, H(y|x), H(y)); for speech also speaker-verification EERs."""
+    with user_errors():
+        if repeat < 1:
+            raise UserError(f"--repeat must be at least 1, got {repeat}")
+        resolved = _check_device(device)
+        model = load_checkpoint(ckpt, resolved)
+        classifier = load_judge(judge, resolved)
+        dataset = load_dataset(data, str(data_dir) if data_dir else None, frame_size, seed)
+        if tuple(dataset.frame_shape) != tuple(model.cfg.frame_shape) or \
+                tuple(dataset.frame_shape) != tuple(classifier.cfg.frame_shape):
+            raise UserError(f"frames {dataset.frame_shape} of the data, {model.cfg.frame_shape} of the "
+                            f"model and {classifier.cfg.frame_shape} of the judge; expected all the same")
+        report = evaluate(model, classifier, dataset, resolved, repeat, seed)
+        if "speaker" in dataset.kinds and not model.cfg.is_video:
+            report["speaker_verification"] = speaker_verification(model, dataset, resolved)
+        if output is not None:
+            output.parent.mkdir(parents=True, exist_ok=True)
+            output.write_text(json.dumps(report, indent=2) + "\n")
+    typer.echo(evaluation_table(report))
+    if "eer_s" in report.get("speaker_verification", {}):
+        sv = report["speaker_verification"]
+        typer.echo(f"\nspeaker verification EER: s {sv['eer_s']:.3f} (low is good), z {sv['eer_z']:.3f} (high is good)")
 
 
 @app.command("encode")

@@ -32,3 +32,29 @@ def test_eer_of_reversed_scores_is_one():
 def test_eer_needs_both_kinds_of_pair():
     with pytest.raises(ValueError):
         cdsvae.eer([0.1, 0.2], [True, True])
+
+
+def test_inception_score_of_uniform_and_one_hot_predictions():
+    assert cdsvae.inception_score(np.full((10, 4), 0.25)) == pytest.approx(1.0)
+    one_hot = np.eye(4)[np.arange(12) % 4]            # confident and balanced over 4 classes
+    assert cdsvae.inception_score(one_hot) == pytest.approx(4.0)
+    assert cdsvae.inception_score(np.eye(4)[np.zeros(8, int)]) == pytest.approx(1.0)   # one class only
+
+
+def test_entropies_of_known_distributions():
+    uniform = np.full((5, 8), 1 / 8)
+    assert cdsvae.entropy_yx(uniform) == pytest.approx(np.log(8))
+    assert cdsvae.entropy_y(uniform) == pytest.approx(np.log(8))
+    one_hot = np.eye(2)[[0, 1, 0, 1]]
+    assert cdsvae.entropy_yx(one_hot) == pytest.approx(0.0, abs=1e-9)
+    assert cdsvae.entropy_y(one_hot) == pytest.approx(np.log(2))
+    half = np.array([[0.5, 0.5, 0.0]])
+    assert cdsvae.entropy_yx(half) == pytest.approx(np.log(2))
+    # IS = exp(H(y) - H(y|x))
+    p = np.random.default_rng(0).dirichlet(np.ones(5), 50)
+    assert cdsvae.inception_score(p) == pytest.approx(np.exp(cdsvae.entropy_y(p) - cdsvae.entropy_yx(p)))
+
+
+def test_metrics_reject_rows_that_are_not_distributions():
+    with pytest.raises(ValueError):
+        cdsvae.inception_score(np.array([[0.5, 0.6]]))

@@ -1,0 +1,109 @@
+"""The judge and the paper's evaluation protocol, end to end on small data."""
+import json
+
+import numpy as np
+import torch
+from typer.testing import CliRunner
+
+import cdsvae
+from data_prep import shapes
+
+runner = CliRunner()
+
+
+def small_data():
+    videos, labels = shapes.render(192, 0, size=16)
+    test_videos, test_labels = shapes.render(48, 1, size=16)
+    return cdsvae.Dataset("shapes", cdsvae.Split(videos, labels), cdsvae.Split(test_videos, test_labels),
+                          shapes.KINDS, shapes.LABELS)
+
+
+def test_judge_learns_the_shapes_factors_and_eval_reports_the_protocol(tmp_path):
+    data = small_data()
+    accuracy = cdsvae.train_judge(data, "cpu", epochs=40, out=tmp_path / "judge.pt", show_progress=False)
+    assert set(accuracy) == {"shape", "colour", "direction", "scale"}
+    assert accuracy["colour"] > 0.9 and accuracy["direction"] > 0.9     # easy factors, real learning
+    judge = cdsvae.load_judge(tmp_path / "judge.pt")
+    assert judge.kinds["direction"] == "dynamic"
+
+    torch.manual_seed(0)
+    cfg = cdsvae.Config(frame_shape=(3, 16, 16), static_dim=4, dynamic_dim=2, feature_dim=8,
+                        hidden_dim=8, conv_width=4)
+    model = cdsvae.CDSVAE(cfg)
+    report = cdsvae.evaluate(model, judge, data, "cpu", repeat=2)
+    assert report["rounds"] == 2
+    assert set(report["results"]) == {"fixed_dynamic/direction", "fixed_dynamic/scale",
+                                      "fixed_static/shape", "fixed_static/colour",
+                                      "swap/shape", "swap/colour", "swap/direction", "swap/scale"}
+    for metrics in report["results"].values():
+        assert 0 <= metrics["acc"]["mean"] <= 1 and metrics["is"]["mean"] >= 1 - 1e-6
+        assert metrics["h_yx"]["mean"] >= 0 and metrics["acc"]["std"] >= 0
+    assert "| fixed_dynamic/direction |" in cdsvae.evaluation_table(report)
+
+
+def test_swap_accuracy_of_a_judge_is_checked_against_the_right_sources(monkeypatch):
+    """With a 'model' whose decode returns the static source's frames for the static factors and
+    the dynamic source's for the dynamic ones, the swap accuracy is that of the judge itself."""
+    data = small_data()
+
+    class Oracle(torch.nn.Module):
+        """A perfect judge: each frame carries its colour in pixel (0, 6), its direction in (0, 7)."""
+
+        def forward(self, x):
+            pixels = x[:, 0, 0, 0]
+            return {"colour": torch.nn.functional.one_hot(pixels[:, 6].long(), 6).float() * 50,
+                    "direction": torch.nn.functional.one_hot(pixels[:, 7].long(), 2).float() * 50}
+
+    judge = Oracle()
+    judge.classes = {"colour": shapes.COLOURS, "direction": shapes.DIRECTIONS}
+    judge.kinds = {"colour": "static", "direction": "dynamic"}
+    judge.eval = lambda: judge
+
+    class Encoded:
+        def __init__(self, x):
+            self.static_mean = x[:, 0, 0, 0, 6:7]
+            self.dynamic_mean = x[:, :, 0, 0, 7:8]
+
+    class Model(torch.nn.Module):
+        cfg = cdsvae.Config(frame_shape=(1, 16, 16))
+
+        def encode(self, x):
+            return Encoded(x)
+
+        def decode(self, static, dynamic):
+            frames = torch.zeros(static.shape[0], dynamic.shape[1], 1, 16, 16)
+            frames[:, :, 0, 0, 6] = static[:, :1]
+            frames[:, :, 0, 0, 7] = dynamic[..., 0]
+            return frames
+
+    # sequences that carry their own labels in two pixels
+    n = 40
+    colour, direction = np.arange(n) % 6, (np.arange(n) // 3) % 2
+    videos = np.zeros((n, 3, 16, 16, 1), np.float32)
+    videos[:, :, 0, 6, 0], videos[:, :, 0, 7, 0] = colour[:, None], direction[:, None]
+    split = cdsvae.Split(videos, {"colour": colour, "direction": direction})
+    toy = cdsvae.Dataset("toy", split, split, judge.kinds, judge.classes)
+    monkeypatch.setattr(cdsvae, "to_frames", lambda seq, device: torch.as_tensor(np.array(seq)).permute(0, 1, 4, 2, 3))
+    monkeypatch.setattr(cdsvae, "generate", lambda model, static=None, dynamic=None, **kw:
+                        model.decode(static if static is not None else torch.zeros(dynamic.shape[0], 1),
+                                     dynamic if dynamic is not None else torch.zeros(static.shape[0], 3, 1)))
+    report = cdsvae.evaluate(Model(), judge, toy, "cpu")
+    assert report["results"]["swap/colour"]["acc"]["mean"] == 1.0
+    assert report["results"]["swap/direction"]["acc"]["mean"] == 1.0
+    assert report["results"]["fixed_dynamic/direction"]["acc"]["mean"] == 1.0
+
+
+def test_eval_cli_writes_json_and_rejects_a_bad_judge(tmp_path):
+    data_args = ["--frame-size", "16"]
+    result = runner.invoke(cdsvae.app, ["judge", *data_args, "--epochs", "1", "-o", str(tmp_path / "j.pt"), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    cfg = cdsvae.Config(frame_shape=(3, 16, 16), frames=8, static_dim=4, dynamic_dim=2, feature_dim=8,
+                        hidden_dim=8, conv_width=4)
+    cdsvae.save_checkpoint(cdsvae.CDSVAE(cfg), tmp_path / "m.pt")
+    result = runner.invoke(cdsvae.app, ["eval", "--ckpt", str(tmp_path / "m.pt"), "--judge", str(tmp_path / "j.pt"),
+                                        *data_args, "-o", str(tmp_path / "report.json"), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "report.json").read_text())["rounds"] == 1
+    result = runner.invoke(cdsvae.app, ["eval", "--ckpt", str(tmp_path / "m.pt"), "--judge", str(tmp_path / "m.pt"),
+                                        *data_args, "--device", "cpu"])
+    assert result.exit_code == 2 and result.output.startswith("error: ") and "not a cdsvae judge" in result.output
