@@ -7,8 +7,9 @@ Bai, Wang & Gomes, NeurIPS 2021. One file, readable top to bottom:
     3. Augmentations: content (frame order) and motion (appearance)
     4. The model: eq. (1) prior and decoder, eq. (2) posterior, eq. (6) loss in `forward`
     5. Using a trained model: encode, decode, swap, generate
-    6. Data, training loop, latent probe, checkpoints
-    7. The command line (Typer): train, encode, swap, sample
+    6. Data, latent probe, metrics (EER, IS, entropies), the judge and the evaluation protocol,
+       checkpoints, the training loop (resume, non-finite steps, DDP, bf16)
+    7. The command line (Typer): prepare, train, judge, eval, encode, swap, sample
 
 A sequence is ``x_1:T``. ``s`` is the static latent (who), ``z_1:T`` the dynamic latents (what
 happens). Video frames are float tensors ``(B, T, C, H, W)`` in [0, 1]; feature frames (e.g.
@@ -21,7 +22,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, fields
@@ -609,7 +609,7 @@ def generate(model: CDSVAE, static=None, dynamic=None, batch: int = 1, frames: O
 
 
 # ----------------------------------------------------------------------------------------------
-# 6. Data, training, latent probe, checkpoints
+# 6. Data, the latent probe, metrics, the judge and evaluation, checkpoints, training
 
 
 class UserError(Exception):

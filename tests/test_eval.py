@@ -44,8 +44,6 @@ def test_judge_learns_the_shapes_factors_and_eval_reports_the_protocol(tmp_path)
 def test_swap_accuracy_of_a_judge_is_checked_against_the_right_sources(monkeypatch):
     """With a 'model' whose decode returns the static source's frames for the static factors and
     the dynamic source's for the dynamic ones, the swap accuracy is that of the judge itself."""
-    data = small_data()
-
     class Oracle(torch.nn.Module):
         """A perfect judge: each frame carries its colour in pixel (0, 6), its direction in (0, 7)."""
 

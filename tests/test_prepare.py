@@ -9,7 +9,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import cdsvae
-from data_prep import audio, common, mug, sprites, timit
+from data_prep import audio, common, mug, sprites
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 runner = CliRunner()
@@ -132,7 +132,7 @@ def test_fsdd_through_the_audio_pipeline(tmp_path):
 
 
 def write_sphere(path, samples, rate=16000, coding="pcm", byte_format="01"):
-    fields = [f"database_id -s5 TIMIT", f"sample_count -i {len(samples)}", f"sample_rate -i {rate}",
+    fields = ["database_id -s5 TIMIT", f"sample_count -i {len(samples)}", f"sample_rate -i {rate}",
               "channel_count -i 1", "sample_n_bytes -i 2", f"sample_byte_format -s2 {byte_format}",
               f"sample_coding -s{len(coding)} {coding}", "sample_sig_bits -i 16", "end_head"]
     header = ("NIST_1A\n   1024\n" + "\n".join(fields) + "\n").encode("ascii")
