@@ -200,3 +200,23 @@ def test_train_cli_writes_its_outputs(tmp_path):
 def test_module_entry_point_runs():
     result = subprocess.run([sys.executable, "-m", "cdsvae", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "train" in result.stdout and "swap" in result.stdout
+
+
+def test_feature_frame_checkpoints_swap_and_sample(tmp_path):
+    torch.manual_seed(0)
+    cfg = cdsvae.Config(frame_shape=(12,), frames=20, static_dim=4, dynamic_dim=3, feature_dim=8,
+                        hidden_dim=10, mlp_width=16)
+    cdsvae.save_checkpoint(cdsvae.CDSVAE(cfg), tmp_path / "speech.pt")
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "a.npy", rng.standard_normal((20, 12)).astype(np.float32))
+    np.save(tmp_path / "b.npy", rng.standard_normal((20, 12)).astype(np.float32))
+    result = run("swap", tmp_path / "a.npy", tmp_path / "b.npy", "--ckpt", tmp_path / "speech.pt", "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert np.load(tmp_path / "out" / "a_static_b_dynamic.npy").shape == (20, 12)
+    assert (tmp_path / "out" / "swap.png").is_file()
+    result = run("sample", "--ckpt", tmp_path / "speech.pt", "-n", 2, "-o", tmp_path / "s.npy")
+    assert result.exit_code == 0, result.output
+    assert np.load(tmp_path / "s.npy").shape == (2, 20, 12)
+    np.save(tmp_path / "wrong.npy", rng.standard_normal((20, 13)).astype(np.float32))
+    assert_user_error(run("encode", tmp_path / "wrong.npy", "--ckpt", tmp_path / "speech.pt", "-o", tmp_path / "e"),
+                      "(T, 12)")
