@@ -947,21 +947,14 @@ def train_judge(data: Dataset, device, epochs: int, out: Path, seed: int = 0, ba
 
 
 def load_judge(path, device="cpu") -> Judge:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such judge file; expected a .pt written by 'cdsvae judge'")
+    """A judge written by ``cdsvae judge`` (``weights_only=True``: unpickling runs no code)."""
+    payload = _load_payload(path, device, JUDGE_FORMAT, "judge", "judge")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            payload = torch.load(path, map_location=device, weights_only=True)
-        if not isinstance(payload, dict) or payload.get("format") != JUDGE_FORMAT:
-            raise ValueError(f"format is not '{JUDGE_FORMAT}'")
         judge = Judge(Config.from_dict(payload["config"]), payload["classes"])
         judge.load_state_dict(payload["state_dict"])
-    except Exception as error:
-        raise UserError(f"{path}: not a cdsvae judge ({_reason(error)}); expected a .pt written by "
-                        "'cdsvae judge'") from None
-    judge.kinds = payload["kinds"]
+        judge.kinds = dict(payload["kinds"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        raise UserError(f"{path}: cdsvae judge with a bad config or weights ({_reason(error)})") from None
     return judge.to(device).eval()
 
 
@@ -1045,26 +1038,32 @@ def _reason(error: Exception) -> str:
     return f"{type(error).__name__}: {lines[0][:100]}" if lines else type(error).__name__
 
 
-def read_checkpoint(path, device="cpu") -> dict:
-    """A checkpoint's validated contents (``weights_only=True``: unpickling runs no code)."""
+def _load_payload(path, device, expected_format: str, what: str, writer: str) -> dict:
+    """A dict saved by ``cdsvae {writer}`` with ``format == expected_format``, read with
+    ``weights_only=True``: unpickling refuses anything but tensors and plain containers."""
     path = Path(path)
+    expected = f"expected a .pt written by 'cdsvae {writer}'"
     if not path.is_file():
-        raise UserError(f"{path}: no such checkpoint file; expected a .pt written by 'cdsvae train'")
+        raise UserError(f"{path}: no such {what} file; {expected}")
     with path.open("rb") as handle:
         magic = handle.read(4)
     if magic != b"PK\x03\x04" and magic[:1] != b"\x80":   # torch.save's zip, or a legacy pickle
-        raise UserError(f"{path}: not a cdsvae checkpoint (not a file written by torch.save); "
-                        "expected a .pt written by 'cdsvae train'")
+        raise UserError(f"{path}: not a cdsvae {what} (not a file written by torch.save); {expected}")
     try:
         with warnings.catch_warnings():   # torch warns about unusual pickle protocols
             warnings.simplefilter("ignore")
             payload = torch.load(path, map_location=device, weights_only=True)
-    except Exception as error:  # unpickling refuses anything but tensors and plain containers
-        raise UserError(f"{path}: not a cdsvae checkpoint ({_reason(error)}); expected a .pt "
-                        "written by 'cdsvae train'") from None
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"{path}: not a cdsvae checkpoint (expected a dict with format "
-                        f"'{CHECKPOINT_FORMAT}', config and state_dict)")
+    except Exception as error:
+        raise UserError(f"{path}: not a cdsvae {what} ({_reason(error)}); {expected}") from None
+    if not isinstance(payload, dict) or payload.get("format") != expected_format:
+        raise UserError(f"{path}: not a cdsvae {what} (expected a dict with format "
+                        f"'{expected_format}', config and state_dict)")
+    return payload
+
+
+def read_checkpoint(path, device="cpu") -> dict:
+    """A checkpoint's validated contents, its config as a Config."""
+    payload = _load_payload(path, device, CHECKPOINT_FORMAT, "checkpoint", "train")
     try:
         payload["config"] = Config.from_dict(payload["config"])
         CDSVAE(payload["config"]).load_state_dict(payload["state_dict"])
