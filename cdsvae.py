@@ -714,8 +714,7 @@ def load_dataset(name: Optional[str], data_dir: Optional[str] = None, size: Opti
     from data_prep import sm_mnist
 
     try:
-        pools = sm_mnist.digit_pools(data_dir) if data_dir else \
-            sm_mnist.digit_pools(sm_mnist.download(Path.home() / ".cache" / "cdsvae" / "mnist"))
+        pools = sm_mnist.pools_from(data_dir)
     except sm_mnist.MnistError as error:
         raise UserError(str(error)) from None
 

@@ -130,6 +130,12 @@ def download(cache_dir: str | Path) -> Path:
     return cache_dir
 
 
+def pools_from(source) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Digit pools from a folder of IDX files, or (``source`` None) from the standard files
+    downloaded to ``~/.cache/cdsvae/mnist``."""
+    return digit_pools(source if source is not None else download(Path.home() / ".cache" / "cdsvae" / "mnist"))
+
+
 def _resize(images: np.ndarray, size: int) -> np.ndarray:
     if images.shape[-1] == size:
         return images
@@ -198,7 +204,7 @@ def prepare(source, out_dir, seed: int = 0, size: int = 64, train_count: int = 8
     from data_prep.common import PrepareError, PreparedWriter
 
     try:
-        pools = digit_pools(source if source is not None else download(Path.home() / ".cache" / "cdsvae" / "mnist"))
+        pools = pools_from(source)
     except MnistError as error:
         raise PrepareError(str(error)) from None
     writer = PreparedWriter(out_dir)
