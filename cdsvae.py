@@ -26,7 +26,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -631,6 +631,9 @@ class Dataset:
     kinds: dict                           # factor -> "static" | "dynamic"
     classes: dict                         # factor -> [class names]
     disjoint: tuple = ()                  # factors whose classes differ between the splits
+    # Generated datasets only: seed -> a fresh training split drawn from the same source (new
+    # pairings and motions of the training digits); the judge trains on a new one each epoch.
+    resample_train: Optional[Callable[[int], Split]] = None
 
     @property
     def frame_shape(self) -> tuple:
@@ -710,7 +713,8 @@ def load_dataset(name: Optional[str], data_dir: Optional[str] = None, size: Opti
             videos, labels = shapes.render(count, split_seed, size=size)
             return Split(videos, labels)
         return Dataset(name, split(defaults["train"], seed), split(defaults["test"], seed + 10_000),
-                       shapes.KINDS, shapes.LABELS)
+                       shapes.KINDS, shapes.LABELS,
+                       resample_train=lambda new_seed: split(defaults["train"], new_seed))
     from data_prep import sm_mnist
 
     try:
@@ -722,7 +726,8 @@ def load_dataset(name: Optional[str], data_dir: Optional[str] = None, size: Opti
         videos, labels, _ = sm_mnist.generate(*pools[pool], count, split_seed, size=size)
         return Split(videos, labels)
     return Dataset(name, split("train", defaults["train"], seed),
-                   split("test", defaults["test"], seed + 10_000), sm_mnist.KINDS, sm_mnist.LABELS)
+                   split("test", defaults["test"], seed + 10_000), sm_mnist.KINDS, sm_mnist.LABELS,
+                   resample_train=lambda new_seed: split("train", defaults["train"], new_seed))
 
 
 def to_frames(sequences: np.ndarray, device) -> torch.Tensor:
@@ -852,6 +857,16 @@ def eer(scores, same) -> float:
     return float(a + step * (b - a))
 
 
+def balanced_selection(labels) -> np.ndarray:
+    """Indices of an equal number of items of every class present (the first ones of each, as
+    many as the rarest class has): IS, H(y|x) and H(y) are computed on such a selection of
+    generations, as the released evaluation does, so that H(y) is not bounded by the test split's
+    own class imbalance."""
+    labels = np.asarray(labels)
+    classes, counts = np.unique(labels, return_counts=True)
+    return np.sort(np.concatenate([np.flatnonzero(labels == c)[:counts.min()] for c in classes]))
+
+
 def speaker_verification(model: CDSVAE, data: Dataset, device, factor: str = "speaker",
                          max_pairs: int = 500_000, seed: int = 0) -> dict:
     """EER of speaker verification on the test split by cosine similarity of s, and of the
@@ -908,7 +923,9 @@ def judge_probabilities(judge: Judge, frames: torch.Tensor) -> dict:
 def train_judge(data: Dataset, device, epochs: int, out: Path, seed: int = 0, batch_size: int = 64,
                 show_progress: bool = True) -> dict:
     """Train the judge on the training split (every factor whose classes are shared by the
-    splits), report its test accuracy per head, save it to ``out``."""
+    splits), report its test accuracy per head, save it to ``out``. A generated dataset gives the
+    judge a freshly drawn training split each epoch after the first (``Dataset.resample_train``):
+    new sequences of the same training digits, never the test split's."""
     torch.manual_seed(seed)
     classes = {f: data.classes[f] for f in data.kinds if f not in data.disjoint}
     cfg = Config(frame_shape=data.frame_shape, frames=data.train.sequences.shape[1], feature_dim=128,
@@ -920,13 +937,16 @@ def train_judge(data: Dataset, device, epochs: int, out: Path, seed: int = 0, ba
     steps = max(1, count // batch_size)
     with _progress(show_progress) as progress:
         task = progress.add_task("judge", total=epochs * steps, terms="")
-        for _ in range(epochs):
+        for epoch in range(epochs):
             judge.train()
+            train = data.train
+            if epoch > 0 and data.resample_train is not None:
+                train = data.resample_train(1_000_000 * (seed + 1) + epoch)
             order = torch.randperm(count, generator=generator).numpy()
             for start in range(0, steps * batch_size, batch_size):
                 index = np.sort(order[start:start + batch_size])
-                logits = judge(to_frames(data.train.sequences[index], device))
-                loss = sum(F.cross_entropy(logits[f], torch.as_tensor(data.train.labels[f][index], device=device))
+                logits = judge(to_frames(train.sequences[index], device))
+                loss = sum(F.cross_entropy(logits[f], torch.as_tensor(train.labels[f][index], device=device))
                            for f in classes)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -967,7 +987,8 @@ def evaluate(model: CDSVAE, judge: Judge, data: Dataset, device, repeat: int = 1
     - fixed static: s from the posterior (mean), z_1:T ~ p(z); the judge scores the static factors;
     - swap: s of each test sequence with z of another; Acc of the static factors against the
       static source and of the dynamic factors against the dynamic source.
-    Every generation of the test split is scored (no class-balanced selection).
+    Acc is over every generation of the test split; IS, H(y|x) and H(y) over a class-balanced
+    selection of them (``balanced_selection`` of the labels Acc is scored against).
     """
     model.eval()
     rounds = []
@@ -998,8 +1019,10 @@ def evaluate(model: CDSVAE, judge: Judge, data: Dataset, device, repeat: int = 1
                     continue
                 truth = partner_labels[factor] if name == "swap" and kind == "dynamic" else labels[factor]
                 p = probabilities[factor]
+                balanced = p[balanced_selection(truth)]
                 result[f"{name}/{factor}"] = {"acc": float((p.argmax(1) == truth).mean()),
-                                              "is": inception_score(p), "h_yx": entropy_yx(p), "h_y": entropy_y(p)}
+                                              "is": inception_score(balanced), "h_yx": entropy_yx(balanced),
+                                              "h_y": entropy_y(balanced)}
         rounds.append(result)
     summary = {}
     for key in rounds[0]:
@@ -1108,7 +1131,7 @@ def _resume_state(out_dir: Path, device) -> dict:
 
 def train(cfg: Config, data: Dataset, out_dir: Path, device="cpu", log_every: int = 10,
           show_progress: bool = True, resume: bool = False, keep: int = 1, max_nonfinite: int = 10,
-          sync_bn: bool = False, precision: str = "auto") -> dict:
+          sync_bn: bool = False, precision: str = "auto", time_budget: Optional[float] = None) -> dict:
     """Train on ``data.train``; write config.json, metrics.jsonl, last.pt and summary.json (with
     the latent probe) to ``out_dir``. Returns the summary.
 
@@ -1122,6 +1145,9 @@ def train(cfg: Config, data: Dataset, out_dir: Path, device="cpu", log_every: in
       DDP averages gradients, the MI estimates gather the global batch; rank 0 writes.
     - ``precision``: "bf16" runs the networks under bf16 autocast with TF32 matmuls (CUDA only;
       the objective stays fp32), "fp32" does not, "auto" picks bf16 on CUDA and fp32 on CPU.
+    - ``time_budget``: seconds of training after which the run stops at the end of the current
+      step (``cfg.epochs`` stays the upper bound) and saves last.pt; the summary says
+      ``"stopped": "time budget"``. Resuming such a run starts the next epoch.
     """
     device = torch.device(device)
     state = _resume_state(out_dir, device) if resume else None   # validated before any write
@@ -1176,7 +1202,7 @@ def train(cfg: Config, data: Dataset, out_dir: Path, device="cpu", log_every: in
             kept = [line for line in metrics_path.read_text().splitlines()
                     if line.strip() and json.loads(line)["step"] <= step]
         metrics_path.write_text("".join(line + "\n" for line in kept))
-    started, record, nonfinite_streak = time.time(), {}, 0
+    started, record, nonfinite_streak, stopped = time.time(), {}, 0, None
     progress = _progress(show_progress and main_process)
     metrics_file = metrics_path.open("a") if main_process else contextlib.nullcontext()
     with progress, metrics_file:
@@ -1223,15 +1249,27 @@ def train(cfg: Config, data: Dataset, out_dir: Path, device="cpu", log_every: in
                             f"non-finite loss or gradients (--max-nonfinite {max_nonfinite}); lower "
                             f"--lr or check the data. {out_dir / 'last.pt'} holds the last finite state")
                 progress.advance(task)
+                out_of_time = time_budget is not None and time.time() - started >= time_budget
+                if world > 1 and time_budget is not None:   # every rank stops at the same step
+                    flag = torch.tensor(float(out_of_time), device=device)
+                    torch.distributed.broadcast(flag, 0)
+                    out_of_time = bool(flag.item())
+                if out_of_time:
+                    stopped = "time budget"
+                    break
             if main_process:
                 metrics_file.flush()
                 _save_training_state(model, optimizer, order_generator, epoch, step, out_dir, keep, device)
+            if stopped:
+                break
     if world > 1:
         torch.distributed.barrier()
     summary = {"dataset": data.name, "epochs": cfg.epochs, "steps": step,
                "train_seconds": round(time.time() - started, 1), "device": str(device),
                "processes": world, "precision": "bf16" if mixed else "fp32",
                "final": {k: v for k, v in record.items() if k not in ("step", "epoch")}}
+    if stopped:
+        summary["stopped"] = stopped
     if not main_process:
         return summary
     if any(f not in data.disjoint for f in data.kinds):
@@ -1435,6 +1473,7 @@ def train_command(
     max_nonfinite: int = typer.Option(10, help="Stop after this many steps in a row with a non-finite loss or gradients (each is skipped)."),
     sync_bn: bool = typer.Option(False, help="Synchronise BatchNorm statistics across DDP processes (CUDA)."),
     precision: str = typer.Option("auto", help="auto (bf16 autocast + TF32 on CUDA, fp32 on CPU), fp32, or bf16 (CUDA)."),
+    time_budget: Optional[float] = typer.Option(None, help="Stop after this many minutes of training (the epochs stay the upper bound)."),
 ):
     """Train C-DSVAE; writes config.json, metrics.jsonl, last.pt and summary.json to --out."""
     with user_errors():
@@ -1446,17 +1485,19 @@ def train_command(
             epochs=epochs, batch_size=batch_size, lr=lr, alpha=alpha, beta=beta, gamma=gamma,
             tau=tau, static_dim=static_dim, dynamic_dim=dynamic_dim, feature_dim=feature_dim,
             hidden_dim=hidden_dim, conv_width=conv_width).items() if v is not None}
-        for name, value in overrides.items():
-            if value <= 0 and name not in ("alpha", "beta", "gamma"):
+        for name, value in {**overrides, "time_budget": time_budget}.items():
+            if value is not None and value <= 0 and name not in ("alpha", "beta", "gamma"):
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
         cfg = Config(**{**PRESETS[dataset.name], **overrides}, frame_shape=dataset.frame_shape,
                      frames=dataset.train.sequences.shape[1], mi=mi, content_aug=content_aug,
                      motion_aug=motion_aug, seed=seed)
         summary = train(cfg, dataset, out, resolved, log_every, resume=resume, keep=keep,
-                        max_nonfinite=max_nonfinite, sync_bn=sync_bn, precision=precision)
+                        max_nonfinite=max_nonfinite, sync_bn=sync_bn, precision=precision,
+                        time_budget=None if time_budget is None else 60.0 * time_budget)
         if summary.get("processes", 1) > 1 and int(os.environ.get("RANK", "0")) != 0:
             return
-    typer.echo(f"trained {summary['steps']} steps in {summary['train_seconds']} s; wrote {out}/")
+    budget = " (stopped by the time budget)" if summary.get("stopped") else ""
+    typer.echo(f"trained {summary['steps']} steps in {summary['train_seconds']} s{budget}; wrote {out}/")
     if "eer_s" in summary.get("speaker_verification", {}):
         sv = summary["speaker_verification"]
         typer.echo(f"speaker verification EER (test split): s {sv['eer_s']:.3f} (low is good), "
@@ -1619,7 +1660,9 @@ def swap_command(
     output: Path = typer.Option(..., "-o", "--output", help="Output folder."),
     device: str = typer.Option(default_device()),
 ):
-    """Swap the static and dynamic factors of A and B (one sequence each, or equal batches)."""
+    """Swap the static and dynamic factors of A and B (one sequence each, or equal batches);
+    swap.png shows the first four pairs, four rows each: A, B, A's static with B's dynamic, B's
+    static with A's dynamic."""
     with user_errors():
         resolved = _check_device(device)
         model = load_checkpoint(ckpt, resolved)
@@ -1631,8 +1674,10 @@ def swap_command(
         a_static_b_dynamic, b_static_a_dynamic = swap(model, a, b)
         save_npy(output / "a_static_b_dynamic.npy", to_layout(a_static_b_dynamic, layout_a))
         save_npy(output / "b_static_a_dynamic.npy", to_layout(b_static_a_dynamic, layout_b))
-        save_grid_png([a[0], b[0], a_static_b_dynamic[0], b_static_a_dynamic[0]],
-                      output / "swap.png", model.cfg)
+        rows = []   # per pair (the first four): A, B, A's static + B's dynamic, B's static + A's dynamic
+        for i in range(min(4, a.shape[0])):
+            rows += [a[i], b[i], a_static_b_dynamic[i], b_static_a_dynamic[i]]
+        save_grid_png(rows, output / "swap.png", model.cfg)
     typer.echo(f"wrote {output}/a_static_b_dynamic.npy, b_static_a_dynamic.npy and swap.png")
 
 

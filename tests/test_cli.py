@@ -67,7 +67,13 @@ def test_swap_writes_arrays_in_the_input_layout_and_a_png(tmp_path, checkpoint):
     assert a_b.shape == (5, 16, 16, 3) and a_b.dtype == np.uint8
     assert b_a.shape == (5, 3, 16, 16) and b_a.dtype == np.float32
     image = Image.open(tmp_path / "out" / "swap.png")
-    assert image.height > image.width / 5 * 3   # four rows of five frames
+    assert image.height > image.width / 5 * 3   # one pair: four rows of five frames
+
+    np.save(tmp_path / "a6.npy", rng.integers(0, 256, (6, 5, 16, 16, 3), dtype=np.uint8))
+    result = run("swap", tmp_path / "a6.npy", tmp_path / "a6.npy", "--ckpt", checkpoint, "-o", tmp_path / "out6")
+    assert result.exit_code == 0, result.output
+    image = Image.open(tmp_path / "out6" / "swap.png")
+    assert image.size == (5 * 16, 16 * (16 + 2))   # the first four of six pairs, four rows each
 
 
 def test_sample_writes_sequences_that_encode_accepts(tmp_path, checkpoint):

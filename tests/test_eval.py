@@ -89,6 +89,23 @@ def test_swap_accuracy_of_a_judge_is_checked_against_the_right_sources(monkeypat
     assert report["results"]["swap/colour"]["acc"]["mean"] == 1.0
     assert report["results"]["swap/direction"]["acc"]["mean"] == 1.0
     assert report["results"]["fixed_dynamic/direction"]["acc"]["mean"] == 1.0
+    # direction is 21 vs 19 sequences; IS and the entropies come from 19 of each (class-balanced),
+    # so a perfect judge gives H(y) = log 2 exactly (over all 40 it would be 0.6919).
+    assert abs(report["results"]["fixed_dynamic/direction"]["h_y"]["mean"] - np.log(2)) < 1e-6
+    assert abs(report["results"]["fixed_dynamic/direction"]["is"]["mean"] - 2.0) < 1e-6
+
+
+def test_the_judge_trains_on_a_fresh_training_split_each_epoch_when_the_data_can_draw_one(tmp_path):
+    data = small_data()
+    seeds = []
+
+    def resample(seed):
+        seeds.append(seed)
+        videos, labels = shapes.render(len(data.train.sequences), seed, size=16)
+        return cdsvae.Split(videos, labels)
+    data.resample_train = resample
+    cdsvae.train_judge(data, "cpu", epochs=3, out=tmp_path / "judge.pt", show_progress=False)
+    assert len(seeds) == 2 and len(set(seeds)) == 2 and 1 not in seeds   # new draws, never the test seed
 
 
 def test_eval_cli_writes_json_and_rejects_a_bad_judge(tmp_path):

@@ -58,3 +58,10 @@ def test_entropies_of_known_distributions():
 def test_metrics_reject_rows_that_are_not_distributions():
     with pytest.raises(ValueError):
         cdsvae.inception_score(np.array([[0.5, 0.6]]))
+
+
+def test_balanced_selection_keeps_the_first_items_of_each_class_up_to_the_rarest():
+    # counts: class 0 twice, class 1 twice, class 2 three times -> two of each, the first ones
+    labels = [2, 0, 2, 1, 0, 2, 1, 0]   # class 0 three times here: still two of each
+    assert cdsvae.balanced_selection(labels).tolist() == [0, 1, 2, 3, 4, 6]
+    assert cdsvae.balanced_selection([1, 1, 1]).tolist() == [0, 1, 2]

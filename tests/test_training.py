@@ -176,3 +176,14 @@ def test_keep_holds_the_last_k_epoch_checkpoints(tmp_path):
     cdsvae.train(small_cfg(epochs=4), small_data(), tmp_path, show_progress=False, keep=2)
     assert sorted(p.name for p in tmp_path.glob("epoch-*.pt")) == ["epoch-0003.pt", "epoch-0004.pt"]
     assert cdsvae.read_checkpoint(tmp_path / "epoch-0004.pt")["step"] == 16
+
+
+def test_a_time_budget_stops_training_after_the_step_that_runs_out_and_saves_it(tmp_path):
+    summary = cdsvae.train(small_cfg(epochs=50), small_data(), tmp_path, show_progress=False,
+                           time_budget=1e-9)
+    assert summary["stopped"] == "time budget" and summary["steps"] == 1
+    assert cdsvae.read_checkpoint(tmp_path / "last.pt")["step"] == 1
+    result = runner.invoke(cdsvae.app, ["train", *TINY, "--epochs", "1", "--time-budget", "0",
+                                        "--out", str(tmp_path / "cli")])
+    assert result.exit_code == 2 and result.output.startswith("error: --time-budget must be positive")
+    assert not (tmp_path / "cli").exists()
