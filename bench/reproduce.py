@@ -54,6 +54,7 @@ CPU_SCALE = {
     "mug": dict(static_dim=64, dynamic_dim=16, feature_dim=128, hidden_dim=128, conv_width=16,
                 lr=2e-3, batch_size=64),
 }
+PROBES = ("s_static", "s_dynamic", "z_static", "z_dynamic")
 METRICS = (("acc", "Acc"), ("is", "IS"), ("h_yx", "H(y|x)"), ("h_y", "H(y)"))
 
 
@@ -225,7 +226,7 @@ def run(args):
         if "speaker" in data.kinds and speech:
             result["speaker_verification"] = cdsvae.speaker_verification(model, data, device)
         if "probe" in summary:
-            result["probe"] = {k: summary["probe"][k] for k in ("s_static", "s_dynamic", "z_static", "z_dynamic", "chance")}
+            result["probe"] = {k: summary["probe"][k] for k in (*PROBES, "chance")}
         result["eval_seconds"] = round(time.time() - started, 1)
         runs[name] = result
 
@@ -265,9 +266,9 @@ def markdown(report: dict, paper: dict, picture, out: Path) -> str:
         chance = next(iter(probed.values()))["chance"]
         lines += [f"\n### {report['dataset']}: latent probe (posterior samples; chance static "
                   f"{fmt(chance['static'])}, dynamic {fmt(chance['dynamic'])})", "",
-                  "| model | s_static | s_dynamic | z_static | z_dynamic |", "|---|---|---|---|---|"]
+                  "| model | " + " | ".join(PROBES) + " |", "|---|---|---|---|---|"]
         for name, p in probed.items():
-            lines.append(f"| {name} | " + " | ".join(fmt(p[k]) for k in ("s_static", "s_dynamic", "z_static", "z_dynamic")) + " |")
+            lines.append(f"| {name} | " + " | ".join(fmt(p[k]) for k in PROBES) + " |")
     if picture is not None:
         lines += ["", f"Swap picture ({next(iter(runs))}): `{picture.relative_to(out)}` (rows per pair: A, B, "
                   "A's static with B's dynamic, B's static with A's dynamic)."]
