@@ -975,6 +975,7 @@ def load_judge(path, device="cpu") -> Judge:
         judge = Judge(Config.from_dict(payload["config"]), payload["classes"])
         judge.load_state_dict(payload["state_dict"])
         judge.kinds = dict(payload["kinds"])
+        judge.test_accuracy = dict(payload.get("test_accuracy") or {})
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
         raise UserError(f"{path}: cdsvae judge with a bad config or weights ({_reason(error)})") from None
     return judge.to(device).eval()

@@ -193,7 +193,7 @@ def run(args):
     out.mkdir(parents=True, exist_ok=True)
     scale = CPU_SCALE if args.scale == "cpu" else PAPER_SCALE
     settings = {**cdsvae.PRESETS[data.name], **scale.get(data.name, {}), **parse_settings(args.settings)}
-    speech = not data.frame_shape or len(data.frame_shape) == 1
+    speech = len(data.frame_shape) == 1   # feature frames (log mel), not video
     paper = json.loads((HERE / "paper_results.json").read_text()).get(data.name, {})
 
     judge, judge_info = None, None
@@ -205,8 +205,7 @@ def run(args):
         if tuple(judge.cfg.frame_shape) != tuple(data.frame_shape):
             raise cdsvae.UserError(f"{judge_path}: judge for frames {judge.cfg.frame_shape}, the data has "
                                    f"{data.frame_shape}; expected the same")
-        payload = torch.load(judge_path, map_location="cpu", weights_only=True)
-        judge_info = {"path": str(judge_path), "test_accuracy": payload.get("test_accuracy")}
+        judge_info = {"path": str(judge_path), "test_accuracy": judge.test_accuracy}
 
     runs = {}
     for name in variants:
