@@ -130,9 +130,9 @@ def video_tables(dataset: str, runs: dict, paper: dict) -> list:
             cells = [f"{fmt(metrics[m]['mean'], m == 'acc')} ± {fmt(metrics[m]['std'], m == 'acc')}"
                      for m, _ in METRICS]
             lines.append(f"| {name} | ours | " + " | ".join(cells) + " |")
-            if key == paper_protocol:
-                published = paper["rows"].get(name)
-                cells = [fmt(published[m], m == "acc") if published else "not transcribed" for m, _ in METRICS]
+            published = paper["rows"].get(name) if key == paper_protocol else None
+            if published:
+                cells = [fmt(published[m], m == "acc") for m, _ in METRICS]
                 lines.append(f"| {name} | paper, {paper['table'].split(' (')[0]} | " + " | ".join(cells) + " |")
     swaps = [k for k in keys if k.startswith("swap/")]
     lines += [f"\n### {dataset}: swap accuracy (s of one test sequence, z of another)", "",
