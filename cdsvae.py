@@ -996,11 +996,11 @@ def evaluate(model: CDSVAE, judge: Judge, data: Dataset, device, repeat: int = 1
     """
     model.eval()
     rounds = []
+    labels = {f: np.asarray(data.test.labels[f]) for f in judge.classes}
     for round_index in range(repeat):
         generator = torch.Generator(device=device).manual_seed(seed + round_index)
         shuffle = torch.Generator().manual_seed(seed + round_index)
         collected = {"fixed_dynamic": [], "fixed_static": [], "swap": []}
-        labels = {f: np.asarray(data.test.labels[f]) for f in judge.classes}
         partners = torch.randperm(len(data.test.sequences), generator=shuffle).numpy()
         for start in range(0, len(data.test.sequences), batch_size):
             stop = min(start + batch_size, len(data.test.sequences))

@@ -194,7 +194,8 @@ def run(args):
     scale = CPU_SCALE if args.scale == "cpu" else PAPER_SCALE
     settings = {**cdsvae.PRESETS[data.name], **scale.get(data.name, {}), **parse_settings(args.settings)}
     speech = len(data.frame_shape) == 1   # feature frames (log mel), not video
-    paper = json.loads((HERE / "paper_results.json").read_text()).get(data.name, {})
+    paper_file = json.loads((HERE / "paper_results.json").read_text())
+    paper = paper_file.get(data.name, {})
 
     judge, judge_info = None, None
     if not speech:
@@ -235,11 +236,12 @@ def run(args):
     picture = None if speech else swap_picture(out / slug(variants[0]), data, out, str(device))
     report = {"dataset": data.name, "budget_minutes": args.budget, "scale": args.scale,
               "settings": settings, "machine": machine(str(device)), "judge": judge_info,
-              "paper_source": json.loads((HERE / "paper_results.json").read_text())["source"],
+              "paper_source": paper_file["source"],
               "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "runs": runs}
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "report.md").write_text(markdown(report, paper, picture, out) + "\n")
-    print(markdown(report, paper, picture, out))
+    text = markdown(report, paper, picture, out)
+    (out / "report.md").write_text(text + "\n")
+    print(text)
 
 
 def markdown(report: dict, paper: dict, picture, out: Path) -> str:
