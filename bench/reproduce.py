@@ -14,8 +14,8 @@ the upper bound) with the same data, seed and settings, then evaluates each one:
 
 Variants: C-DSVAE; DSVAE (the MI terms off); without content augmentation and without motion
 augmentation (that I(.;x) term by MWS instead of the contrastive estimate); MWS (every MI term by
-minibatch-weighted sampling). ``--scale paper`` (default) trains the paper's widths
-(``PAPER_SCALE``), ``--scale cpu`` smaller networks that fit a laptop (``CPU_SCALE``);
+minibatch-weighted sampling). ``--scale paper`` (default) trains the paper's widths,
+``--scale cpu`` the settings our 2-core studies chose (both in ``cdsvae.SCALES``);
 ``--set key=value`` overrides any setting. The paper's published numbers (``paper_results.json``)
 stand beside ours. Writes ``report.md`` and ``report.json`` to ``--out`` and a swap picture made
 by ``cdsvae swap`` from the first variant. A variant whose folder already holds a summary.json
@@ -47,15 +47,6 @@ VARIANTS = {
     "w/o content aug": {"content_aug": False},
     "w/o motion aug": {"motion_aug": False},
     "MWS": {"mi": "mws"},
-}
-# Over the dataset's preset, per --scale. "paper": the paper's widths (the presets have them,
-# except sm-mnist's, which is sized for a CPU). "cpu": smaller networks for 2 cores (our choice).
-PAPER_SCALE = {"sm-mnist": dict(cdsvae.PAPER_VIDEO, epochs=1000)}   # with --frame-size 64
-CPU_SCALE = {
-    "sprites": dict(static_dim=64, dynamic_dim=16, feature_dim=128, hidden_dim=128, conv_width=16,
-                    lr=2e-3, batch_size=64),
-    "mug": dict(static_dim=64, dynamic_dim=16, feature_dim=128, hidden_dim=128, conv_width=16,
-                lr=2e-3, batch_size=64),
 }
 PROBES = ("s_static", "s_dynamic", "z_static", "z_dynamic")
 METRICS = (("acc", "Acc"), ("is", "IS"), ("h_yx", "H(y|x)"), ("h_y", "H(y)"))
@@ -161,7 +152,7 @@ def main():
     parser.add_argument("--budget", type=float, required=True, help="minutes of training per variant")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--scale", choices=("paper", "cpu"), default="paper",
-                        help="paper: the paper's widths (PAPER_SCALE); cpu: smaller networks (CPU_SCALE)")
+                        help="paper: the paper's widths; cpu: what our CPU studies chose (cdsvae.SCALES)")
     parser.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, of: " + ", ".join(VARIANTS))
     parser.add_argument("--judge", type=Path, default=None, help="a judge from 'cdsvae judge' (default: train one)")
@@ -191,8 +182,7 @@ def run(args):
     data = cdsvae.load_dataset(args.dataset, args.data_dir, args.frame_size)
     out = args.out or Path("runs") / f"reproduce_{data.name}"
     out.mkdir(parents=True, exist_ok=True)
-    scale = CPU_SCALE if args.scale == "cpu" else PAPER_SCALE
-    settings = {**cdsvae.PRESETS[data.name], **scale.get(data.name, {}), **parse_settings(args.settings)}
+    settings = {**cdsvae.preset(data.name, args.scale), **parse_settings(args.settings)}
     speech = len(data.frame_shape) == 1   # feature frames (log mel), not video
     paper_file = json.loads((HERE / "paper_results.json").read_text())
     paper = paper_file.get(data.name, {})

@@ -175,7 +175,13 @@ def test_train_rejects_bad_options(tmp_path):
                           "--out", tmp_path / "r"), "MNIST")
     assert_user_error(run("train", "--device", "cuda:7" if not torch.cuda.is_available() else "tpu",
                           "--out", tmp_path / "r"), "expected")
-    assert_user_error(run("train", "--precision", "bf16", "--device", "cpu", "--out", tmp_path / "r"), "CUDA only")
+    assert_user_error(run("train", "--precision", "fp8", "--out", tmp_path / "r"), "expected auto, fp32 or bf16")
+    assert_user_error(run("train", "--likelihood", "laplace", "--out", tmp_path / "r"), "expected gaussian or bernoulli")
+    assert_user_error(run("train", "--scale", "huge", "--out", tmp_path / "r"), "expected one of paper, cpu")
+    assert_user_error(run("train", "--lr-schedule", "step", "--out", tmp_path / "r"), "expected constant or cosine")
+    assert_user_error(run("train", "--mi-rollout", "x", "--out", tmp_path / "r"), "expected sampled or mean")
+    assert_user_error(run("train", "--eval-every", -1, "--out", tmp_path / "r"), "--eval-every")
+    assert_user_error(run("train", "--judge", tmp_path / "j.pt", "--out", tmp_path / "r"), "expected it with --eval-every")
     assert_user_error(run("train", "--sync-bn", "--device", "cpu", "--out", tmp_path / "r"), "--sync-bn needs CUDA")
     assert_user_error(run("train", "--resume", "--out", tmp_path / "r"), "no such checkpoint")
     assert not (tmp_path / "r").exists()
@@ -226,3 +232,17 @@ def test_feature_frame_checkpoints_swap_and_sample(tmp_path):
     np.save(tmp_path / "wrong.npy", rng.standard_normal((20, 13)).astype(np.float32))
     assert_user_error(run("encode", tmp_path / "wrong.npy", "--ckpt", tmp_path / "speech.pt", "-o", tmp_path / "e"),
                       "(T, 12)")
+
+
+def test_scale_applies_its_settings_over_the_preset_and_flags_win_over_both(tmp_path, monkeypatch):
+    assert cdsvae.preset("sm-mnist", "paper")["static_dim"] == cdsvae.PAPER_VIDEO["static_dim"]
+    assert cdsvae.preset("sprites", "cpu") == {**cdsvae.PRESETS["sprites"], **cdsvae.SCALES["cpu"]["sprites"]}
+    assert cdsvae.preset("shapes") == cdsvae.PRESETS["shapes"]
+    monkeypatch.setitem(cdsvae.SCALES["cpu"], "shapes", dict(static_dim=5, hidden_dim=6, likelihood="bernoulli"))
+    result = run("train", "--scale", "cpu", "--hidden-dim", 8, "--epochs", 1, "--frame-size", 16,
+                 "--dynamic-dim", 2, "--feature-dim", 8, "--conv-width", 4, "--batch-size", 256,
+                 "--out", tmp_path / "run", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (config["static_dim"], config["hidden_dim"], config["likelihood"]) == (5, 8, "bernoulli")
+    assert config["lr"] == cdsvae.PRESETS["shapes"]["lr"]                 # the rest from the preset

@@ -154,9 +154,54 @@ def test_reconstruction_term_is_summed_squared_error_per_sequence():
     model.frame_decoder.register_forward_hook(lambda module, args, out: captured.append(out))
     x = torch.rand(3, 4, 3, 16, 16)
     _, terms = model(x)
-    decoded = captured[0].detach().view(3, 4, 3, 16, 16)
+    decoded = torch.sigmoid(captured[0].detach().view(3, 4, 3, 16, 16))   # the decoder gives logits
     direct = sum(float(((decoded[b] - x[b]) ** 2).sum()) for b in range(3)) / 3
     assert terms["recon"].item() == pytest.approx(direct, rel=1e-5)
+
+
+def test_bernoulli_reconstruction_term_is_the_negative_log_likelihood_per_sequence():
+    torch.manual_seed(0)
+    model = small_model(likelihood="bernoulli")
+    captured = []
+    model.frame_decoder.register_forward_hook(lambda module, args, out: captured.append(out))
+    x = torch.rand(3, 4, 3, 16, 16)
+    x[0, 0, 0, 0, :4] = torch.tensor([0.0, 1.0, 0.0, 1.0])         # the end points of [0, 1]
+    _, terms = model(x)
+    probability = torch.sigmoid(captured[0].detach().double().view(3, 4, 3, 16, 16))
+    x = x.double()
+    log_likelihood = [float((x[b] * probability[b].log() + (1 - x[b]) * (1 - probability[b]).log()).sum())
+                      for b in range(3)]
+    assert terms["recon"].item() == pytest.approx(-sum(log_likelihood) / 3, rel=1e-5)
+    # decode gives the Bernoulli means, the pixels in [0, 1]
+    encoding = model.encode(x[:1].float())
+    mean = model.decode(encoding.static, encoding.dynamic)
+    assert torch.allclose(mean, torch.sigmoid(model.decode_logits(encoding.static, encoding.dynamic)))
+
+
+def test_mean_rollouts_for_the_dynamic_contrastive_term(monkeypatch):
+    """mi_rollout="mean": I(z;x) compares the trajectories of x and of its motion view obtained
+    with the posterior mean fed back at each step (eps = 0), whatever noise the ELBO's rollout got."""
+    torch.manual_seed(0)
+    model = small_model(mi_rollout="mean")
+    x, view = torch.rand(4, 5, 3, 16, 16), torch.rand(4, 5, 3, 16, 16)
+    monkeypatch.setattr(cdsvae, "motion_augment", lambda frames: view)
+    _, terms = model(x)
+    with torch.no_grad():
+        def mean_rollout(features):
+            means, z = [], torch.zeros(4, 3)
+            h = c = torch.zeros(4, 10)
+            gates_x = model.dynamic_posterior.input_proj(features)
+            for t in range(5):                          # the LSTM cell written out, z_t = mean_t
+                gates = gates_x[:, t] + model.dynamic_posterior.recurrent(torch.cat([z, h], 1))
+                i, f, g, o = gates.chunk(4, 1)
+                c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+                h = torch.sigmoid(o) * torch.tanh(c)
+                z = model.dynamic_posterior.head(h).chunk(2, 1)[0]
+                means.append(z)
+            return torch.stack(means, 1).flatten(1)
+        features = model.encode_frames(torch.cat([x, view]))   # one pass, as BatchNorm saw it
+        direct = explicit_contrastive(mean_rollout(features[:4]), mean_rollout(features[4:]), model.cfg.tau)
+    assert terms["mi_zx"].item() == pytest.approx(direct, rel=1e-4)
 
 
 def test_mws_ablation_uses_mws_estimates_everywhere():
@@ -167,6 +212,8 @@ def test_mws_ablation_uses_mws_estimates_everywhere():
     assert terms["mi_sx"] > math.log(9)
 
 
+@pytest.mark.skipif(not cdsvae.cpu_has_native_bf16(),
+                    reason="oneDNN has no bf16 LSTM on a CPU without native bf16")
 def test_objective_stays_fp32_under_bf16_autocast():
     torch.manual_seed(0)
     model = small_model()

@@ -52,3 +52,32 @@ def test_reproduce_rejects_an_unknown_variant_in_one_line(tmp_path):
     result = reproduce("shapes", "--budget", "1", "--variants", "C-DSVAE,nope", "--out", tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "expected names from C-DSVAE" in result.stderr
+
+
+def test_learning_curves_plots_the_logged_validation_scores(tmp_path):
+    for name, scores in (("a", [0.2, 0.5, 0.7]), ("b", [0.1, 0.3])):
+        run = tmp_path / name
+        run.mkdir()
+        lines = [json.dumps({"step": 10, "epoch": 0, "recon": 1.0})]
+        lines += [json.dumps({"step": 10 * (k + 1), "epoch": 0, "minutes": 0.5 * (k + 1),
+                              "validation": {"s/a": score, "score": score}}) for k, score in enumerate(scores)]
+        (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "curves.png"
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "learning_curves.py"), f"{tmp_path / 'a'}=C-DSVAE",
+                             str(tmp_path / "b"), "-o", str(out)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    points = [json.loads(line) for line in result.stdout.splitlines()]
+    assert points == [{"run": "C-DSVAE", "minutes": [0.5, 1.0, 1.5], "score": [0.2, 0.5, 0.7]},
+                      {"run": "b", "minutes": [0.5, 1.0], "score": [0.1, 0.3]}]
+    from PIL import Image
+    with Image.open(out) as image:
+        assert image.size == (720, 440)
+        colours = {colour for _, colour in image.getcolors(1 << 20)}
+    assert (31, 119, 180) in colours and (214, 39, 40) in colours            # both lines drawn
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "metrics.jsonl").write_text(json.dumps({"step": 1, "recon": 1.0}) + "\n")
+    failed = subprocess.run([sys.executable, str(ROOT / "bench" / "learning_curves.py"), str(empty), "-o",
+                             str(tmp_path / "x.png")], capture_output=True, text=True, timeout=60)
+    assert failed.returncode == 1 and failed.stderr.strip().startswith("error:") and "--eval-every" in failed.stderr
+    assert not (tmp_path / "x.png").exists()

@@ -2,6 +2,7 @@
 non-finite steps, hostile checkpoints under --resume."""
 import hashlib
 import json
+import math
 import os
 import random
 import signal
@@ -10,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -187,3 +189,96 @@ def test_a_time_budget_stops_training_after_the_step_that_runs_out_and_saves_it(
                                         "--out", str(tmp_path / "cli")])
     assert result.exit_code == 2 and result.output.startswith("error: --time-budget must be positive")
     assert not (tmp_path / "cli").exists()
+
+
+def test_cpu_bf16_is_detected_from_the_cpu_flags_and_auto_keeps_fp32_on_cpu(tmp_path, monkeypatch):
+    with_bf16, without = tmp_path / "with", tmp_path / "without"
+    with_bf16.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_tile\n")
+    without.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw\n")
+    assert cdsvae.cpu_has_native_bf16(str(with_bf16)) and not cdsvae.cpu_has_native_bf16(str(without))
+    assert not cdsvae.cpu_has_native_bf16(str(tmp_path / "absent"))
+    cpu = torch.device("cpu")
+    assert cdsvae.resolve_precision("auto", cpu) == "fp32" and cdsvae.resolve_precision("fp32", cpu) == "fp32"
+    monkeypatch.setattr(cdsvae, "cpu_has_native_bf16", lambda: False)
+    with pytest.raises(cdsvae.UserError, match="no native bf16"):
+        cdsvae.resolve_precision("bf16", cpu)
+    monkeypatch.setattr(cdsvae, "cpu_has_native_bf16", lambda: True)
+    assert cdsvae.resolve_precision("bf16", cpu) == "bf16"
+
+
+@pytest.mark.skipif(not cdsvae.cpu_has_native_bf16(), reason="this CPU has no native bf16")
+def test_bf16_training_runs_on_a_cpu_with_native_bf16(tmp_path):
+    summary = cdsvae.train(small_cfg(epochs=1), small_data(), tmp_path, show_progress=False, precision="bf16")
+    assert summary["precision"] == "bf16" and all(
+        torch.isfinite(p).all() for p in cdsvae.load_checkpoint(tmp_path / "last.pt").parameters())
+
+
+def test_cosine_schedule_warms_up_linearly_then_decays_to_zero(tmp_path):
+    cfg = small_cfg(lr=0.01, lr_schedule="cosine", warmup_steps=4)
+    expected = [0.0025, 0.005, 0.0075, 0.01] + [0.005 * (1 + math.cos(math.pi * k / 8)) for k in range(9)]
+    assert [cdsvae.learning_rate(cfg, step, 12) for step in range(13)] == pytest.approx(expected)
+    assert cdsvae.learning_rate(small_cfg(lr=0.01), 7, 12) == 0.01          # constant
+    summary = cdsvae.train(small_cfg(epochs=3, lr=0.01, lr_schedule="cosine", warmup_steps=4),
+                           small_data(), tmp_path, show_progress=False)
+    assert summary["steps"] == 12
+    optimizer = cdsvae.read_checkpoint(tmp_path / "last.pt")["optimizer"]
+    assert optimizer["param_groups"][0]["lr"] == pytest.approx(0.005 * (1 + math.cos(math.pi * 7 / 8)))
+
+
+class RecordingSequences:
+    """Training sequences that remember which indices each read asked for."""
+
+    def __init__(self, array):
+        self.array, self.shape, self.reads = array, array.shape, []
+
+    def __len__(self):
+        return len(self.array)
+
+    def __getitem__(self, index):
+        self.reads.append(np.arange(len(self.array))[index].tolist())
+        return self.array[index]
+
+
+def test_eval_every_holds_out_a_validation_split_logs_its_score_and_keeps_the_best(tmp_path):
+    data = small_data()
+    data.train = cdsvae.Split(RecordingSequences(data.train.sequences), data.train.labels)
+    validation, training = cdsvae.validation_split(64, 0)
+    assert len(validation) == 6 and sorted([*validation, *training]) == list(range(64))
+    cdsvae.train(small_cfg(epochs=2), data, tmp_path, show_progress=False, eval_every=2)
+    batches = [read for read in data.train.sequences.reads if len(read) == 16]   # the training steps
+    assert len(batches) == 6 and set(sum(batches, [])).isdisjoint(validation.tolist())
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    scored = [r for r in records if "validation" in r]
+    assert [r["step"] for r in scored] == [2, 4, 6]                        # 58 sequences, batch 16
+    for record in scored:
+        accuracies = [v for k, v in record["validation"].items() if k != "score"]
+        assert set(record["validation"]) == {"s/shape", "s/colour", "z/direction", "z/scale", "score"}
+        assert record["validation"]["score"] == pytest.approx(np.mean(accuracies), abs=1e-4)
+        assert record["minutes"] >= 0
+    best = max(scored, key=lambda r: r["validation"]["score"])             # the first of equal ones
+    payload = cdsvae.read_checkpoint(tmp_path / "best.pt")
+    assert payload["step"] == best["step"] and payload["validation"] == best["validation"]
+    assert cdsvae.read_checkpoint(tmp_path / "last.pt")["best_score"] == best["validation"]["score"]
+    assert "best validation score" in cdsvae.checkpoint_description(tmp_path / "best.pt")
+    # scoring leaves training untouched: scored every 3 steps instead of 2, the same parameters
+    cdsvae.train(small_cfg(epochs=2), small_data(), tmp_path / "other", show_progress=False, eval_every=3)
+    for (name, a), b in zip(cdsvae.load_checkpoint(tmp_path / "last.pt").state_dict().items(),
+                            cdsvae.load_checkpoint(tmp_path / "other" / "last.pt").state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_fresh_data_trains_each_later_epoch_on_a_new_draw(tmp_path):
+    from data_prep import shapes
+
+    data, draws = small_data(), []
+
+    def resample(seed):
+        draws.append(seed)
+        videos, labels = shapes.render(64, seed, size=16)
+        return cdsvae.Split(videos, labels)
+    data.resample_train = resample
+    cdsvae.train(small_cfg(epochs=3, fresh_data=True, seed=5), data, tmp_path, show_progress=False)
+    assert draws == [5 * 1_000_003 + 1, 5 * 1_000_003 + 2]
+    draws.clear()
+    cdsvae.train(small_cfg(epochs=3), data, tmp_path / "fixed", show_progress=False)
+    assert draws == []
