@@ -14,6 +14,32 @@ Bai, Wang & Gomes, NeurIPS 2021. One file, readable top to bottom:
 A sequence is ``x_1:T``. ``s`` is the static latent (who), ``z_1:T`` the dynamic latents (what
 happens). Video frames are float tensors ``(B, T, C, H, W)`` in [0, 1]; feature frames (e.g.
 spectrogram frames) are ``(B, T, D)``.
+
+Where the paper, the released code and this file differ (so that no reader has to find out):
+
+    topic               paper                     released code              here
+    q(z_t|.), eq. (2)   z_<t fed back, x_<=t      RNN over the biLSTM's      the paper's: a uni-directional
+                                                  outputs, no feedback       LSTM fed z_{t-1}, sampled per step
+    contrastive         negatives from the        2B - 2 negatives           2B - 2: both views of the
+    negatives           minibatch                                            other sequences (symmetric)
+    I(z;x) views        "the mean at each         the posterior means (no    --mi-rollout sampled (default:
+                        time step"                feedback, so no rollout)   means along sampled rollouts)
+                                                                             or mean (eps = 0; --scale cpu)
+    beta                grid {0.1 ... 5}          10 (run script)            10 in the presets
+    I(z;s)              I(z_1:T; s), MWS          MWS, clamped by a ReLU     MWS per time step along each
+                                                                             sequence's own sampled
+                                                                             rollout, no clamp
+    posterior scale     -                         log-variance passed as     log-variance used as one
+                                                  a log-sigma                (``log_gaussian``)
+    reconstruction      not stated                sum of squared errors      --likelihood gaussian (sum of
+                                                                             squared errors) or bernoulli
+    judge               a classifier per dataset  its own classifier         ``Judge``: our frame encoder, a
+                        (architecture not given)                             biLSTM averaged over time, a
+                                                                             head per factor
+    SM-MNIST labels     100 digit combinations    -                          order-free: digit_low, digit_high
+                                                                             (55 pairs)
+    model selection     validation (sec. 4.3)     -                          --eval-every on a validation split
+                                                                             carved from the training split
 """
 from __future__ import annotations
 
@@ -22,6 +48,10 @@ import json
 import math
 import os
 import shutil
+import signal
+import socket
+import sys
+import threading
 import time
 import warnings
 from dataclasses import asdict, dataclass, fields
@@ -83,6 +113,16 @@ class Config:
             raise ValueError(f"unknown config keys {sorted(unknown)}")
         cfg = cls(**values)
         cfg.frame_shape = tuple(int(v) for v in cfg.frame_shape)
+        kinds = {"int": int, "float": (int, float), "str": str, "bool": bool}
+        for field in fields(cls):                   # a config read from a file is checked field by field
+            value, kind = getattr(cfg, field.name), kinds.get(str(field.type))
+            if kind is not None and (not isinstance(value, kind) or (kind is not bool and isinstance(value, bool))):
+                raise TypeError(f"config {field.name}: {value!r} is not a {field.type}")
+            low = -2**63 if field.name == "seed" else 0
+            if kind in (int, (int, float)) and not (math.isfinite(value) and low <= value <= max(10**7, -low)):
+                raise ValueError(f"config {field.name}: {value!r} out of range")
+        if not 1 <= len(cfg.frame_shape) <= 3 or not all(0 < v <= 4096 for v in cfg.frame_shape):
+            raise ValueError(f"config frame_shape: {cfg.frame_shape} out of range")
         return cfg
 
 
@@ -202,7 +242,7 @@ def mws_mi_zs(static, static_mean, static_logvar, dynamic, dynamic_mean, dynamic
 
 
 # ----------------------------------------------------------------------------------------------
-# 3. Augmentations (sec. 3.2): computed on the fly, on the training device
+# 3. Augmentations (sec. 2.3): computed on the fly, on the training device
 
 
 def content_order(batch: int, frames: int, device=None, generator=None) -> torch.Tensor:
@@ -509,11 +549,16 @@ class CDSVAE(nn.Module):
         return Encoding(static, dynamic, static_mean, static_logvar, dynamic_mean, dynamic_logvar)
 
     def forward(self, x, motion_view: Optional[torch.Tensor] = None):
-        """The negative of eq. (6) for a batch: returns (loss, dict of every term).
+        """The negative of eq. (6) for a batch: returns (loss, dict of every term, detached).
 
         ``motion_view`` is the motion-augmented view of ``x``; video computes its own when it is
         not given, feature frames (audio) bring theirs from data preparation.
         """
+        terms = self.objective_terms(x, motion_view)
+        return terms["loss"], {name: value.detach() for name, value in terms.items()}
+
+    def objective_terms(self, x, motion_view: Optional[torch.Tensor] = None) -> dict:
+        """Every term of eq. (6) and the loss, each with its graph (``forward`` detaches them)."""
         cfg = self.cfg
         B, T = x.shape[:2]
         contrastive = cfg.mi == "contrastive"
@@ -581,7 +626,7 @@ class CDSVAE(nn.Module):
         if cfg.mi != "off":                    # "off" = DSVAE: MI estimates are only logged
             loss = loss - cfg.beta * (terms["mi_sx"] + terms["mi_zx"]) + cfg.gamma * terms["mi_zs"]
         terms["loss"] = loss
-        return loss, {name: value.detach() for name, value in terms.items()}
+        return terms
 
     @staticmethod
     def noise(shape, like: torch.Tensor) -> torch.Tensor:
@@ -680,9 +725,10 @@ PRESETS = {
                      alpha=1.0, beta=10.0, gamma=1.0, lr=2e-3, batch_size=64, epochs=20),
     # Sprites: the released code's configuration (run_cdsvae.sh and train_cdsvae.py defaults:
     # s 256, z 32, frame feature 128, LSTM 256, lr 1e-3, batch 128, KL weights 1, both
-    # contrastive weights 10, 1000 epochs). MUG reuses it (our choice, not read from the paper).
-    "sprites": dict(PAPER_VIDEO, epochs=1000),
-    "mug": dict(PAPER_VIDEO, epochs=1000),
+    # contrastive weights 10; the latest run script trains 100 epochs, the training script's
+    # default is 300). MUG reuses it (our choice, not read from the paper).
+    "sprites": dict(PAPER_VIDEO, epochs=100),
+    "mug": dict(PAPER_VIDEO, epochs=100),
     # Speech (20 log mel frames of 64): our choice of sizes for TIMIT and FSDD, not the paper's.
     "timit": dict(static_dim=64, dynamic_dim=16, feature_dim=128, hidden_dim=256, mlp_width=256,
                   alpha=1.0, beta=10.0, gamma=1.0, lr=1e-3, batch_size=128, epochs=100),
@@ -1018,16 +1064,22 @@ def train_judge(data: Dataset, device, epochs: int, out: Path, seed: int = 0, ba
     return accuracy
 
 
-def load_judge(path, device="cpu") -> Judge:
-    """A judge written by ``cdsvae judge`` (``weights_only=True``: unpickling runs no code)."""
+def load_judge(path, device="cpu", frame_shape: Optional[tuple] = None) -> Judge:
+    """A judge written by ``cdsvae judge`` (``weights_only=True``: unpickling runs no code);
+    with ``frame_shape``, one that scores frames of that shape (UserError otherwise)."""
     payload = _load_payload(path, device, JUDGE_FORMAT, "judge", "judge")
     try:
-        judge = Judge(Config.from_dict(payload["config"]), payload["classes"])
+        config, classes = Config.from_dict(payload["config"]), payload["classes"]
+        _check_weights(lambda: Judge(config, classes), payload["state_dict"])
+        judge = Judge(config, classes)
         judge.load_state_dict(payload["state_dict"])
         judge.kinds = dict(payload["kinds"])
         judge.test_accuracy = dict(payload.get("test_accuracy") or {})
-    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+    except (KeyError, TypeError, ValueError, RuntimeError, OverflowError, AttributeError) as error:
         raise UserError(f"{path}: cdsvae judge with a bad config or weights ({_reason(error)})") from None
+    if frame_shape is not None and tuple(judge.cfg.frame_shape) != tuple(frame_shape):
+        raise UserError(f"{path}: judge for frames {tuple(judge.cfg.frame_shape)}, the data has "
+                        f"{tuple(frame_shape)}; expected the same")
     return judge.to(device).eval()
 
 
@@ -1097,10 +1149,63 @@ def evaluation_table(report: dict) -> str:
 CHECKPOINT_FORMAT = "cdsvae-checkpoint-1"
 
 
-def atomic_save(payload, path: Path) -> None:
+class WriteFailed(Exception):
+    """A file could not be written (a full disk, a read-only folder): one line, exit status 1."""
+
+    def __init__(self, path: Path, error: Exception, intact: bool = True):
+        kept = f"; the {path.name} written before is intact" if intact and path.exists() else ""
+        super().__init__(f"could not write {path} ({_reason(error)}){kept}; expected a writable folder "
+                         "with free space")
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write ``path`` through a temporary file renamed into place: a failed write leaves the
+    previous file intact and no temporary file behind (WriteFailed)."""
     temporary = path.with_name(path.name + ".tmp")
-    torch.save(payload, temporary)
-    os.replace(temporary, path)
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    except Exception as error:      # torch.save reports a full disk as a RuntimeError
+        temporary.unlink(missing_ok=True)
+        raise WriteFailed(path, error) from None
+
+
+def atomic_save(payload, path: Path) -> None:
+    atomic_write(path, lambda temporary: torch.save(payload, temporary))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda temporary: temporary.write_text(text))
+
+
+class MetricsLog:
+    """metrics.jsonl, one JSON record per line, appended; a failed write raises WriteFailed."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.handle = self._guarded(lambda: path.open("a"))
+
+    def _guarded(self, action):
+        try:
+            return action()
+        except OSError as error:
+            raise WriteFailed(self.path, error, intact=False) from None
+
+    def write(self, record: dict) -> None:
+        self._guarded(lambda: self.handle.write(json.dumps(record) + "\n"))
+
+    def flush(self) -> None:
+        self._guarded(self.handle.flush)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            self.handle.close()
+        except OSError as error:
+            if exc[0] is None:
+                raise WriteFailed(self.path, error, intact=False) from None
 
 
 def save_checkpoint(model: CDSVAE, path: Path, **extra) -> None:
@@ -1137,34 +1242,75 @@ def _load_payload(path, device, expected_format: str, what: str, writer: str) ->
     return payload
 
 
+def _check_weights(build: Callable[[], nn.Module], state) -> None:
+    """``state`` is exactly the state_dict of the module ``build`` makes, finite (ValueError). The
+    module is first built on the meta device: a forged config cannot allocate its sizes."""
+    with torch.device("meta"):
+        expected = {name: tuple(t.shape) for name, t in build().state_dict().items()}
+    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise ValueError("state_dict is not a dict of tensors")
+    found = {name: tuple(t.shape) for name, t in state.items()}
+    if found != expected:
+        differing = sorted(set(found) ^ set(expected)) or sorted(n for n in found if found[n] != expected[n])
+        raise ValueError(f"weights do not match the config's model ({', '.join(differing[:3])})")
+    if any(t.is_floating_point() and not torch.isfinite(t).all() for t in state.values()):
+        raise ValueError("non-finite weights")
+
+
 def read_checkpoint(path, device="cpu") -> dict:
     """A checkpoint's validated contents, its config as a Config."""
     payload = _load_payload(path, device, CHECKPOINT_FORMAT, "checkpoint", "train")
     try:
         payload["config"] = Config.from_dict(payload["config"])
-        CDSVAE(payload["config"]).load_state_dict(payload["state_dict"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        _check_weights(lambda: CDSVAE(payload["config"]), payload["state_dict"])
+    except (KeyError, TypeError, ValueError, RuntimeError, OverflowError) as error:
         raise UserError(f"{path}: cdsvae checkpoint with a bad config or weights ({_reason(error)})") from None
     return payload
 
 
 def load_checkpoint(path, device="cpu") -> CDSVAE:
-    """The model of a checkpoint written by ``train``, in eval mode."""
+    """The model of a checkpoint written by ``train``, in eval mode. ``model.description`` says
+    which checkpoint it is, in words: its path, step, and validation score if it has one."""
     payload = read_checkpoint(path, device)
     model = CDSVAE(payload["config"])
     model.load_state_dict(payload["state_dict"])
-    return model.to(device).eval()
-
-
-def checkpoint_description(path) -> str:
-    """Which checkpoint this is, in words: its path, step, and validation score if it has one."""
-    payload = torch.load(path, map_location="cpu", weights_only=True)   # read_checkpoint checked it
     words = [str(path)]
     if "step" in payload:
         words.append(f"step {payload['step']}")
     if isinstance(payload.get("validation"), dict):
         words.append(f"best validation score {payload['validation'].get('score')}")
-    return ", ".join(words)
+    model.description = ", ".join(words)
+    return model.to(device).eval()
+
+
+class TrainingInterrupted(Exception):
+    """SIGTERM (a scheduler's preemption) or SIGINT (Ctrl-C) stopped training after a step whose
+    state last.pt holds; ``exit_status`` is the shell's 128 + the signal number."""
+
+    def __init__(self, message: str, signal_number: int):
+        super().__init__(message)
+        self.exit_status = 128 + signal_number
+
+
+@contextlib.contextmanager
+def _stop_signals(enabled: bool):
+    """While training, SIGTERM and SIGINT only ask it to stop after the current step (a second
+    one acts at once, as usual). Yields a dict whose "signal" is the number of the first."""
+    received = {"signal": 0}
+    if not enabled:
+        yield received
+        return
+
+    def ask_to_stop(number, frame):
+        received["signal"] = number
+        for restored, handler in previous.items():   # a second signal: the usual behaviour
+            signal.signal(restored, handler)
+    previous = {number: signal.signal(number, ask_to_stop) for number in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield received
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 class TrainingStopped(Exception):
@@ -1185,10 +1331,66 @@ def _distributed(device: torch.device):
     return dist.get_rank(), dist.get_world_size(), device
 
 
+RUN_LOCK = "train.lock"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:        # another user's live process
+        return True
+    return True
+
+
+def acquire_run_lock(out_dir: Path) -> Optional[str]:
+    """One writer per output folder: create ``out_dir/train.lock`` (this host and pid) atomically.
+    A lock held by a live process is a UserError; one left by a process of this host that is gone
+    (or by an earlier call in this very process) is taken over, and the returned note says so."""
+    path, me = out_dir / RUN_LOCK, f"{socket.gethostname()} {os.getpid()}"
+    note = None
+    for _ in range(3):
+        try:
+            descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = path.read_text().split() if path.is_file() else []
+            if len(holder) != 2 or not holder[1].isdigit():   # being written by its creator, or damaged
+                raise UserError(f"{path} exists but names no process; expected it only while a run "
+                                f"writes {out_dir} (delete it if none does)") from None
+            host, pid = holder[0], int(holder[1])
+            if host == socket.gethostname() and (pid == os.getpid() or not _process_alive(pid)):
+                path.unlink(missing_ok=True)
+                note = f"note: took over {path}, left by process {pid}, which is gone"
+                continue
+            raise UserError(f"{out_dir}: another cdsvae train (process {pid} on {host}) is writing there; "
+                            "expected one run per folder (wait for it, or pass another --out)") from None
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(me)
+        return note
+    raise UserError(f"{path}: could not take the folder's lock; expected one run per folder")
+
+
+def release_run_lock(out_dir: Path) -> None:
+    path = out_dir / RUN_LOCK
+    if path.is_file() and path.read_text() == f"{socket.gethostname()} {os.getpid()}":
+        path.unlink()
+
+
+def _record_step(line: str) -> float:
+    """The step of a metrics.jsonl line; a line cut short by a failed write counts as after all."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
 def _resume_state(out_dir: Path, device) -> dict:
     payload = read_checkpoint(out_dir / "last.pt", device)
     needed = ("optimizer", "epoch", "step", "rng")
-    if any(key not in payload for key in needed) or not isinstance(payload["rng"], dict):
+    per_rank = payload.get("rng", {}).get("per_rank", []) if isinstance(payload.get("rng"), dict) else None
+    if any(key not in payload for key in needed) or not isinstance(payload["rng"], dict) or \
+            not isinstance(per_rank, list) or not all(isinstance(r, dict) and "torch" in r for r in per_rank):
         raise UserError(f"{out_dir / 'last.pt'}: no training state to resume from (expected "
                         f"{', '.join(needed)}); expected a last.pt written by 'cdsvae train'")
     return payload
@@ -1213,13 +1415,20 @@ def train(cfg: Config, data: Dataset, out_dir: Path, device="cpu", log_every: in
       objective stays fp32), "fp32" does not, "auto" picks bf16 on CUDA and fp32 on CPU
       (``resolve_precision``).
     - ``cfg.lr_schedule`` "cosine": linear warm-up over ``cfg.warmup_steps``, then a cosine decay
-      to 0 at the last step of ``cfg.epochs`` (``learning_rate``); "constant": ``cfg.lr``.
+      to 0 at the last step of ``cfg.epochs`` or at the end of ``time_budget``, whichever comes
+      first (``learning_rate``); "constant": ``cfg.lr``.
     - ``cfg.fresh_data`` on a generated dataset (sm-mnist, shapes): epoch e > 0 trains on new
       sequences drawn from the training digits/shapes (``Dataset.resample_train``, seeded by e), as
       Stochastic Moving MNIST is generated on the fly; never from the test split.
     - ``time_budget``: seconds of training after which the run stops at the end of the current
-      step (``cfg.epochs`` stays the upper bound) and saves last.pt; the summary says
-      ``"stopped": "time budget"``. Resuming such a run starts the next epoch.
+      step (``cfg.epochs`` stays the upper bound) and saves last.pt at that step; the summary says
+      ``"stopped": "time budget"``. Resuming such a run continues from that step.
+    - SIGTERM (preemption) or SIGINT (Ctrl-C): training stops after the current step, saves
+      last.pt at that step (with its place in the epoch's data order, so a resume repeats and
+      skips nothing) and raises TrainingInterrupted (the CLI: one line, exit status 143 or 130).
+    - One run per folder: ``out_dir/train.lock`` names the writing process while it runs; a
+      second run there is a UserError, a lock left by a process that is gone is taken over with a
+      note on stderr (``acquire_run_lock``).
     - ``eval_every`` N > 0: model selection as in the paper (sec. 4.3): a validation split is held
       out of the training split (``validation_split``; the test split is never seen), every N
       steps ``validation_score`` (the judge's accuracy when ``judge`` is given, else a probe) is
@@ -1251,15 +1460,20 @@ def train(cfg: Config, data: Dataset, out_dir: Path, device="cpu", log_every: in
     model = CDSVAE(cfg).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
     order_generator = torch.Generator().manual_seed(cfg.seed)
-    first_epoch, step = 0, 0
+    first_epoch, first_position, step = 0, 0, 0
     if state is not None:
         model.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
         first_epoch, step = int(state["epoch"]), int(state["step"])
+        first_position = int(state.get("position", 0))     # batches of that epoch already done
         order_generator.set_state(state["rng"]["order"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if device.type == "cuda" and "cuda" in state["rng"]:
-            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+        per_rank = state["rng"].get("per_rank") or [state["rng"]]   # every rank's noise (DDP)
+        if len(per_rank) == world:
+            torch.set_rng_state(per_rank[rank]["torch"])
+            if device.type == "cuda" and "cuda" in per_rank[rank]:
+                torch.cuda.set_rng_state(per_rank[rank]["cuda"], device)
+        else:                  # another number of processes: fresh, independent noise per rank
+            torch.manual_seed(cfg.seed + 1_000_003 * rank + step)
     elif world > 1:
         torch.manual_seed(cfg.seed + 1_000_003 * rank)   # independent noise and augmentations per rank
     net = model
@@ -1276,25 +1490,31 @@ def train(cfg: Config, data: Dataset, out_dir: Path, device="cpu", log_every: in
     metrics_path = out_dir / "metrics.jsonl"
     if main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+        took_over = acquire_run_lock(out_dir)     # one writer per folder, before its first write
+        if took_over:
+            print(took_over, file=sys.stderr)
+        atomic_write_text(out_dir / "config.json", json.dumps(asdict(cfg), indent=2) + "\n")
         kept = []
         if state is not None and metrics_path.is_file():   # drop what was logged after last.pt
-            kept = [line for line in metrics_path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= step]
-        metrics_path.write_text("".join(line + "\n" for line in kept))
+            kept = [line for line in metrics_path.read_text().splitlines() if _record_step(line) <= step]
+        atomic_write_text(metrics_path, "".join(line + "\n" for line in kept))
     started, record, nonfinite_streak, stopped = time.time(), {}, 0, None
     progress = _progress(show_progress and main_process)
-    metrics_file = metrics_path.open("a") if main_process else contextlib.nullcontext()
-    with progress, metrics_file:
+    metrics_file = MetricsLog(metrics_path) if main_process else contextlib.nullcontext()
+    signals = _stop_signals(threading.current_thread() is threading.main_thread())
+    with progress, metrics_file, signals as received:
         task = progress.add_task("train", total=cfg.epochs * steps_per_epoch,
-                                 completed=first_epoch * steps_per_epoch, terms="")
+                                 completed=first_epoch * steps_per_epoch + first_position, terms="")
         for epoch in range(first_epoch, cfg.epochs):
             net.train()
             train_split = data.train
             if cfg.fresh_data and epoch > 0 and data.resample_train is not None:
                 train_split = data.resample_train(cfg.seed * 1_000_003 + epoch)
+            order_state = order_generator.get_state()      # a resume in mid-epoch replays this draw
             order = torch.randperm(count, generator=order_generator).numpy()
-            for batch_start in range(0, steps_per_epoch * batch_size, batch_size):
+            done = first_position if epoch == first_epoch else 0
+            for position in range(done, steps_per_epoch):
+                batch_start = position * batch_size
                 index = training[np.sort(order[batch_start:batch_start + batch_size])]
                 index = index[rank * local_batch:(rank + 1) * local_batch]    # this rank's shard
                 x = to_frames(train_split.sequences[index], device)
@@ -1304,8 +1524,14 @@ def train(cfg: Config, data: Dataset, out_dir: Path, device="cpu", log_every: in
                     loss, terms = net(x, motion_view)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                elapsed = time.time() - started
+                if world > 1 and time_budget is not None:   # every rank: rank 0's clock
+                    clock = torch.tensor(elapsed, dtype=torch.float64, device=device)
+                    torch.distributed.broadcast(clock, 0)
+                    elapsed = float(clock.item())
+                budget_used = elapsed / time_budget if time_budget is not None else 0.0
                 for group in optimizer.param_groups:
-                    group["lr"] = learning_rate(cfg, step, cfg.epochs * steps_per_epoch)
+                    group["lr"] = learning_rate(cfg, step, cfg.epochs * steps_per_epoch, budget_used)
                 finite = torch.isfinite(loss.detach()).float()
                 for parameter in model.parameters():
                     if parameter.grad is not None:
@@ -1322,12 +1548,11 @@ def train(cfg: Config, data: Dataset, out_dir: Path, device="cpu", log_every: in
                         shown = ("recon", "kl_s", "kl_z", "mi_sx", "mi_zx", "mi_zs")
                         progress.update(task, terms=" ".join(f"{k} {record[k]:.3g}" for k in shown))
                         if main_process:
-                            metrics_file.write(json.dumps(record) + "\n")
+                            metrics_file.write(record)
                 else:
                     nonfinite_streak += 1
                     if main_process:
-                        metrics_file.write(json.dumps({"step": step, "epoch": epoch,
-                                                       "skipped": "non-finite loss or gradients"}) + "\n")
+                        metrics_file.write({"step": step, "epoch": epoch, "skipped": "non-finite loss or gradients"})
                     if nonfinite_streak >= max_nonfinite:
                         raise TrainingStopped(
                             f"training stopped at step {step}: {nonfinite_streak} steps in a row with a "
@@ -1337,26 +1562,41 @@ def train(cfg: Config, data: Dataset, out_dir: Path, device="cpu", log_every: in
                     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                         scores = validation_score(model, data, validation, device, judge)  # reseeds
                     net.train()
-                    metrics_file.write(json.dumps({"step": step, "epoch": epoch, "minutes": round(
-                        (time.time() - started) / 60, 3), "validation": scores}) + "\n")
+                    metrics_file.write({"step": step, "epoch": epoch, "minutes": round(
+                        (time.time() - started) / 60, 3), "validation": scores})
                     if best_score is None or scores["score"] > best_score:
                         best_score = scores["score"]
                         save_checkpoint(model, out_dir / "best.pt", step=step, validation=scores)
                 progress.advance(task)
-                out_of_time = time_budget is not None and time.time() - started >= time_budget
-                if world > 1 and time_budget is not None:   # every rank stops at the same step
-                    flag = torch.tensor(float(out_of_time), device=device)
-                    torch.distributed.broadcast(flag, 0)
-                    out_of_time = bool(flag.item())
-                if out_of_time:
+                done = position + 1
+                asked = received["signal"]
+                if world > 1:                               # a signal to any rank stops them all
+                    flag = torch.tensor(asked, device=device)
+                    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+                    asked = int(flag.item())
+                if asked:
+                    stopped = signal.Signals(asked).name
+                    break
+                if budget_used >= 1.0:                      # every rank stops at the same step
                     stopped = "time budget"
                     break
+            noise = _rng_states(world, device)             # every rank's (a collective under DDP)
             if main_process:
                 metrics_file.flush()
-                _save_training_state(model, optimizer, order_generator, epoch, step, out_dir, keep, device,
-                                     best_score=best_score)
+                if done < steps_per_epoch:                  # stopped in mid-epoch: resume right here
+                    _save_training_state(model, optimizer, order_state, noise, epoch, done, step, out_dir, 1,
+                                         best_score=best_score)
+                else:
+                    _save_training_state(model, optimizer, order_generator.get_state(), noise, epoch + 1, 0,
+                                         step, out_dir, keep, best_score=best_score)
             if stopped:
                 break
+    if stopped in ("SIGTERM", "SIGINT"):
+        if main_process:
+            release_run_lock(out_dir)
+        raise TrainingInterrupted(
+            f"stopped by {stopped} after step {step}; {out_dir / 'last.pt'} holds that step, and the same "
+            "command with --resume continues from it", int(signal.Signals[stopped]))
     if world > 1:
         torch.distributed.barrier()
     summary = {"dataset": data.name, "epochs": cfg.epochs, "steps": step,
@@ -1372,7 +1612,8 @@ def train(cfg: Config, data: Dataset, out_dir: Path, device="cpu", log_every: in
         summary["probe_posterior_means"] = probe(model, data, device, sample=False)
     if "speaker" in data.kinds and not cfg.is_video:
         summary["speaker_verification"] = speaker_verification(model, data, device)
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    release_run_lock(out_dir)
     return summary
 
 
@@ -1426,13 +1667,15 @@ def check_config(cfg: Config) -> None:
         raise UserError(f"--warmup-steps must be 0 or more, got {cfg.warmup_steps}")
 
 
-def learning_rate(cfg: Config, step: int, total_steps: int) -> float:
-    """The learning rate of optimisation step ``step`` (0-based) of ``total_steps``."""
+def learning_rate(cfg: Config, step: int, total_steps: int, budget_used: float = 0.0) -> float:
+    """The learning rate of optimisation step ``step`` (0-based) of ``total_steps``, when
+    ``budget_used`` of the time budget (a fraction) has passed: the cosine decays with whichever
+    runs out first, the steps or the minutes, so a --time-budget run ends at a learning rate of 0."""
     if cfg.lr_schedule == "constant":
         return cfg.lr
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+    progress = max((step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps), budget_used)
     return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
@@ -1460,21 +1703,33 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
-def _save_training_state(model, optimizer, order_generator, epoch, step, out_dir: Path, keep: int, device,
-                         best_score: Optional[float] = None):
-    """last.pt (and, with keep > 1, epoch-NNNN.pt files): everything --resume needs."""
+def _rng_states(world: int, device: torch.device) -> list:
+    """The torch (and CUDA) RNG states of every process, in rank order."""
+    own = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        own["cuda"] = torch.cuda.get_rng_state(device)
+    if world == 1:
+        return [own]
+    states = [None] * world
+    torch.distributed.all_gather_object(states, own)
+    return [{name: state.cpu() for name, state in ranks.items()} for ranks in states]
+
+
+def _save_training_state(model, optimizer, order_state, noise: list, epoch, position, step, out_dir: Path,
+                         keep: int, best_score: Optional[float] = None):
+    """last.pt (and, with keep > 1, epoch-NNNN.pt files): everything --resume needs. Training
+    continues in ``epoch`` after ``position`` of its batches, whose order the data-order generator
+    draws from ``order_state``; ``noise`` holds every process's RNG states (``_rng_states``)."""
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         raise TrainingStopped(f"parameters became non-finite at step {step}; no checkpoint written")
-    rng = {"torch": torch.get_rng_state(), "order": order_generator.get_state()}
-    if device.type == "cuda":
-        rng["cuda"] = torch.cuda.get_rng_state(device)
-    save_checkpoint(model, out_dir / "last.pt", optimizer=optimizer.state_dict(), epoch=epoch + 1,
-                    step=step, rng=rng, best_score=best_score)
+    rng = {**noise[0], "order": order_state}
+    if len(noise) > 1:
+        rng["per_rank"] = noise
+    save_checkpoint(model, out_dir / "last.pt", optimizer=optimizer.state_dict(), epoch=epoch,
+                    position=position, step=step, rng=rng, best_score=best_score)
     if keep > 1:
-        copy = out_dir / f"epoch-{epoch + 1:04d}.pt"
-        temporary = copy.with_name(copy.name + ".tmp")
-        shutil.copyfile(out_dir / "last.pt", temporary)
-        os.replace(temporary, copy)
+        atomic_write(out_dir / f"epoch-{epoch:04d}.pt",
+                     lambda temporary: shutil.copyfile(out_dir / "last.pt", temporary))
         for old in sorted(out_dir.glob("epoch-*.pt"))[:-keep]:
             old.unlink()
 
@@ -1492,22 +1747,76 @@ def _progress(enabled: bool):
 
 import typer  # noqa: E402  (kept beside the CLI it serves)
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="C-DSVAE: learn static and dynamic latents of sequences; swap, sample, encode.")
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="markdown", help="""
+C-DSVAE: learn static and dynamic latents of sequences; swap, sample, encode.
+
+A first session (the built-in shapes data; each command after train uses the newest run in runs/):
+
+* `cdsvae train` trains on the built-in shapes (minutes on a CPU), writes runs/cdsvae/
+* `cdsvae sample -n 1 -o a.npy` and `cdsvae sample -n 1 --seed 1 -o b.npy` draw two sequences
+* `cdsvae swap a.npy b.npy` exchanges their static and dynamic factors into runs/swap-1/swap.png
+""")
+RUNS = Path("runs")   # where train writes by default, and where the other commands look for a model
+CKPT_HELP = "Checkpoint (default: the newest run under runs/, its best.pt if it has one, else last.pt)."
+
+
+def newest_checkpoint(runs: Path = RUNS) -> Path:
+    """The checkpoint of the newest training run under ``runs`` (the newest ``*/last.pt``): its
+    best.pt when model selection kept one, else last.pt."""
+    runs_found = list(runs.glob("*/last.pt")) if runs.is_dir() else []
+    if not runs_found:
+        raise UserError(f"no trained model under {runs}/ (no {runs}/*/last.pt); expected 'cdsvae train' "
+                        "first, or --ckpt PATH")
+    newest = max(runs_found, key=lambda path: path.stat().st_mtime).parent
+    return newest / "best.pt" if (newest / "best.pt").is_file() else newest / "last.pt"
+
+
+def new_output_folder(kind: str, runs: Path = RUNS) -> Path:
+    """A folder for a command's outputs that no earlier command wrote: ``runs/<kind>-<n>``, n one
+    more than the largest there."""
+    taken = [int(path.name[len(kind) + 1:]) for path in runs.glob(f"{kind}-*")
+             if path.name[len(kind) + 1:].isdigit()] if runs.is_dir() else []
+    return runs / f"{kind}-{max(taken, default=0) + 1}"
+
+
+def load_model(ckpt: Optional[Path], device) -> CDSVAE:
+    """The model of ``ckpt``, or of the newest run when none is given (``model.description``
+    names it; the commands print it once their work is done)."""
+    return load_checkpoint(ckpt if ckpt is not None else newest_checkpoint(), device)
 
 
 @contextlib.contextmanager
 def user_errors():
     """Bad input becomes one line on stderr and exit status 2, never a traceback; a training run
-    that cannot go on, one line and exit status 1."""
+    that cannot go on (non-finite, a failed write), one line and exit status 1; a signal, one
+    line and 128 + its number."""
     try:
         yield
     except UserError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from None
-    except TrainingStopped as error:
+    except (TrainingStopped, WriteFailed) as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(1) from None
+    except TrainingInterrupted as error:
+        typer.echo(str(error), err=True)
+        raise typer.Exit(error.exit_status) from None
+
+
+def _npy_header(path: Path, expected: str) -> tuple:
+    """(shape, dtype, bytes the header declares, bytes the file holds after it) of a .npy file."""
+    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    try:
+        with path.open("rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            if version not in readers:
+                raise ValueError(f"format version {version[0]}.{version[1]}")
+            shape, _, dtype = readers[version](handle)
+            held = path.stat().st_size - handle.tell()
+        declared = math.prod(shape) * dtype.itemsize
+    except Exception as error:
+        raise UserError(f"{path}: not a readable .npy file ({_reason(error)}); expected {expected}") from None
+    return shape, dtype, declared, held
 
 
 def load_sequences(path: Path, cfg: Config):
@@ -1530,12 +1839,16 @@ def load_sequences(path: Path, cfg: Config):
         raise UserError(f"{path}: an .npz archive, not a .npy array; expected {expected}")
     if magic != b"\x93NUMPY":
         raise UserError(f"{path}: not a .npy file (no NumPy header); expected {expected}")
+    shape, dtype, declared, held = _npy_header(path, expected)
+    if dtype != np.uint8 and dtype.kind != "f":
+        raise UserError(f"{path}: dtype {dtype} not supported; expected {expected}")
+    if declared > held:   # checked before reading: a forged shape never allocates its size
+        raise UserError(f"{path}: header declares shape {shape} ({declared} bytes) but the file holds "
+                        f"{held}; expected {expected}")
     try:
         array = np.load(path, allow_pickle=False)
     except Exception as error:
         raise UserError(f"{path}: not a readable .npy file ({_reason(error)}); expected {expected}") from None
-    if array.dtype != np.uint8 and array.dtype.kind != "f":
-        raise UserError(f"{path}: dtype {array.dtype} not supported; expected {expected}")
     if array.size == 0:
         raise UserError(f"{path}: empty array {array.shape}; expected {expected}")
     rank = len(cfg.frame_shape) + 1
@@ -1643,7 +1956,7 @@ def train_command(
     conv_width: Optional[int] = typer.Option(None),
     scale: Optional[str] = typer.Option(None, help="cpu: the settings our studies chose for 2 CPU cores; paper: the paper's widths (default: the dataset preset)."),
     likelihood: Optional[str] = typer.Option(None, help="Reconstruction term: gaussian (sum of squared errors) or bernoulli (cross-entropy on the decoder's logits; frames in [0, 1])."),
-    lr_schedule: Optional[str] = typer.Option(None, help="constant, or cosine (linear warm-up over --warmup-steps, then cosine decay to 0 over --epochs)."),
+    lr_schedule: Optional[str] = typer.Option(None, help="constant, or cosine (linear warm-up over --warmup-steps, then cosine decay to 0 at the end of --epochs or of --time-budget, whichever comes first)."),
     warmup_steps: Optional[int] = typer.Option(None, help="Warm-up steps of the cosine schedule."),
     fresh_data: Optional[bool] = typer.Option(None, help="Generated datasets (shapes, sm-mnist): new training sequences every epoch."),
     mi_rollout: Optional[str] = typer.Option(None, help="I(z;x) compares posterior-mean trajectories along 'sampled' or 'mean' (eps = 0) rollouts."),
@@ -1681,17 +1994,13 @@ def train_command(
         cfg = Config(**{**preset(dataset.name, scale), **overrides, **choices}, frame_shape=dataset.frame_shape,
                      frames=dataset.train.sequences.shape[1], mi=mi, content_aug=content_aug,
                      motion_aug=motion_aug, seed=seed)
-        check_config(cfg)
         if eval_every < 0:
             raise UserError(f"--eval-every must be 0 (off) or a number of steps, got {eval_every}")
         classifier = None
         if judge is not None:
             if eval_every == 0:
                 raise UserError("--judge scores model selection; expected it with --eval-every N")
-            classifier = load_judge(judge, resolved)
-            if tuple(classifier.cfg.frame_shape) != tuple(dataset.frame_shape):
-                raise UserError(f"{judge}: judge for frames {classifier.cfg.frame_shape}, the data has "
-                                f"{dataset.frame_shape}; expected the same")
+            classifier = load_judge(judge, resolved, dataset.frame_shape)
         summary = train(cfg, dataset, out, resolved, log_every, resume=resume, keep=keep,
                         max_nonfinite=max_nonfinite, sync_bn=sync_bn, precision=precision,
                         time_budget=None if time_budget is None else 60.0 * time_budget,
@@ -1722,6 +2031,7 @@ def prepare_command(
     frame_size: Optional[int] = typer.Option(None, help="Frame height/width (sprites 64/32/16, mug, sm-mnist)."),
     crop: Optional[str] = typer.Option(None, help="mug: face box as left,top,right,bottom fractions of the frame."),
     n_mels: int = typer.Option(64, help="timit, fsdd: log mel bins per frame."),
+    skip_bad: bool = typer.Option(False, help="mug, timit, fsdd: skip unreadable files (a MUG take with one), count them in meta.json, instead of stopping."),
 ):
     """Prepare a dataset from its own files into the common format that 'train' reads."""
     from data_prep import common
@@ -1734,21 +2044,24 @@ def prepare_command(
         if source is not None and not source.is_dir():
             raise UserError(f"{source}: no such folder; expected {PREPARED_LAYOUTS[dataset]}")
         try:
-            written = _prepare(dataset, source, out, seed, frame_size, crop, n_mels)
+            written = _prepare(dataset, source, out, seed, frame_size, crop, n_mels, skip_bad)
         except common.PrepareError as error:
             raise UserError(str(error)) from None
     meta = json.loads((written / "meta.json").read_text())
     counts = ", ".join(f"{split} {v['count']}" for split, v in meta["splits"].items())
-    typer.echo(f"wrote {written}/ ({meta['dataset']}: {counts} sequences)")
+    skipped = len(meta.get("skipped_bad_files", []))
+    typer.echo(f"wrote {written}/ ({meta['dataset']}: {counts} sequences"
+               + (f"; skipped {skipped} unreadable files, listed in meta.json)" if skipped else ")"))
 
 
-def _prepare(dataset, source, out, seed, frame_size, crop, n_mels) -> Path:
+def _prepare(dataset, source, out, seed, frame_size, crop, n_mels, skip_bad=False) -> Path:
     from data_prep import common, mug, sm_mnist, sprites, timit
 
     if dataset == "sprites":     # check the source's layout before the progress bar starts
         sprites.check_source(source)
-    elif dataset == "sm-mnist" and source is not None:
+    elif dataset == "sm-mnist":   # without --source: find or download MNIST before the render bar
         try:
+            source = source if source is not None else sm_mnist.locate()
             sm_mnist.check_source(source)
         except sm_mnist.MnistError as error:
             raise common.PrepareError(str(error)) from None
@@ -1770,7 +2083,7 @@ def _prepare(dataset, source, out, seed, frame_size, crop, n_mels) -> Path:
                     raise UserError(f"--crop '{crop}': expected four fractions left,top,right,bottom") from None
             task = progress.add_task("frames", total=total, terms="takes")
             return mug.prepare(source, out, seed, frame_size or 64, box,
-                               progress=lambda n: progress.advance(task, n))
+                               progress=lambda n: progress.advance(task, n), skip_bad=skip_bad)
         if dataset == "sm-mnist":
             task = progress.add_task("render", total=10_000, terms="sequences")
             return sm_mnist.prepare(source, out, seed, frame_size or 64,
@@ -1778,7 +2091,8 @@ def _prepare(dataset, source, out, seed, frame_size, crop, n_mels) -> Path:
         folder_mode = dataset == "fsdd"
         task = progress.add_task("audio", total=total, terms="utterances")
         prepare_audio = timit.prepare_folder if folder_mode else timit.prepare_timit
-        return prepare_audio(source, out, seed, n_mels, progress=lambda n: progress.advance(task, n))
+        return prepare_audio(source, out, seed, n_mels, progress=lambda n: progress.advance(task, n),
+                             skip_bad=skip_bad)
 
 
 @app.command("judge")
@@ -1802,7 +2116,7 @@ def judge_command(
 
 @app.command("eval")
 def eval_command(
-    ckpt: Path = typer.Option(...), judge: Path = typer.Option(...),
+    ckpt: Optional[Path] = typer.Option(None, help=CKPT_HELP), judge: Path = typer.Option(...),
     data: Optional[str] = typer.Option(None), data_dir: Optional[Path] = typer.Option(None),
     repeat: int = typer.Option(1, help="Sampling rounds to average (the spread is reported)."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write the JSON report here."),
@@ -1815,7 +2129,7 @@ def eval_command(
         if repeat < 1:
             raise UserError(f"--repeat must be at least 1, got {repeat}")
         resolved = _check_device(device)
-        model = load_checkpoint(ckpt, resolved)
+        model = load_model(ckpt, resolved)
         classifier = load_judge(judge, resolved)
         dataset = load_dataset(data, str(data_dir) if data_dir else None, frame_size, seed)
         if tuple(dataset.frame_shape) != tuple(model.cfg.frame_shape) or \
@@ -1823,7 +2137,7 @@ def eval_command(
             raise UserError(f"frames {dataset.frame_shape} of the data, {model.cfg.frame_shape} of the "
                             f"model and {classifier.cfg.frame_shape} of the judge; expected all the same")
         report = evaluate(model, classifier, dataset, resolved, repeat, seed)
-        report["checkpoint"] = checkpoint_description(ckpt)
+        report["checkpoint"] = model.description
         if "speaker" in dataset.kinds and not model.cfg.is_video:
             report["speaker_verification"] = speaker_verification(model, dataset, resolved)
         if output is not None:
@@ -1839,29 +2153,30 @@ def eval_command(
 @app.command("encode")
 def encode_command(
     sequences: Path = typer.Argument(..., help="A .npy of one sequence or a batch."),
-    ckpt: Path = typer.Option(..., help="Checkpoint (last.pt)."),
-    output: Path = typer.Option(..., "-o", "--output", help="Output folder for s.npy and z.npy."),
+    ckpt: Optional[Path] = typer.Option(None, help=CKPT_HELP),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output folder for s.npy and z.npy (default: a new runs/encode-N)."),
     device: str = typer.Option(default_device()),
 ):
     """Write the posterior means s (N, Ds) and z (N, T, Dz) of a sequence or batch."""
     with user_errors():
         resolved = _check_device(device)
-        model = load_checkpoint(ckpt, resolved)
+        model = load_model(ckpt, resolved)
         frames, layout = load_sequences(sequences, model.cfg)
+        output = output if output is not None else new_output_folder("encode")
         with torch.no_grad():
             encoding = model.encode(frames.to(resolved))
         unbatch = (lambda a: a) if layout["batched"] else (lambda a: a[0])
         save_npy(output / "s.npy", unbatch(encoding.static_mean.cpu().numpy()))
         save_npy(output / "z.npy", unbatch(encoding.dynamic_mean.cpu().numpy()))
-    typer.echo(f"wrote {output / 's.npy'} and {output / 'z.npy'}")
+    typer.echo(f"used {model.description}\nwrote {output / 's.npy'} and {output / 'z.npy'}")
 
 
 @app.command("swap")
 def swap_command(
     first: Path = typer.Argument(..., metavar="A.npy"),
     second: Path = typer.Argument(..., metavar="B.npy"),
-    ckpt: Path = typer.Option(...),
-    output: Path = typer.Option(..., "-o", "--output", help="Output folder."),
+    ckpt: Optional[Path] = typer.Option(None, help=CKPT_HELP),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output folder (default: a new runs/swap-N)."),
     device: str = typer.Option(default_device()),
 ):
     """Swap the static and dynamic factors of A and B (one sequence each, or equal batches);
@@ -1869,12 +2184,13 @@ def swap_command(
     static with A's dynamic."""
     with user_errors():
         resolved = _check_device(device)
-        model = load_checkpoint(ckpt, resolved)
+        model = load_model(ckpt, resolved)
         a, layout_a = load_sequences(first, model.cfg)
         b, layout_b = load_sequences(second, model.cfg)
         if a.shape[0] != b.shape[0]:
             raise UserError(f"A holds {a.shape[0]} sequences and B {b.shape[0]}; expected the same number")
         a, b = a.to(resolved), b.to(resolved)
+        output = output if output is not None else new_output_folder("swap")
         a_static_b_dynamic, b_static_a_dynamic = swap(model, a, b)
         save_npy(output / "a_static_b_dynamic.npy", to_layout(a_static_b_dynamic, layout_a))
         save_npy(output / "b_static_a_dynamic.npy", to_layout(b_static_a_dynamic, layout_b))
@@ -1882,14 +2198,14 @@ def swap_command(
         for i in range(min(4, a.shape[0])):
             rows += [a[i], b[i], a_static_b_dynamic[i], b_static_a_dynamic[i]]
         save_grid_png(rows, output / "swap.png", model.cfg)
-    typer.echo(f"wrote {output}/a_static_b_dynamic.npy, b_static_a_dynamic.npy and swap.png")
+    typer.echo(f"used {model.description}\nwrote {output}/a_static_b_dynamic.npy, b_static_a_dynamic.npy and swap.png")
 
 
 @app.command("sample")
 def sample_command(
-    ckpt: Path = typer.Option(...),
+    ckpt: Optional[Path] = typer.Option(None, help=CKPT_HELP),
     n: int = typer.Option(8, "-n", help="Number of sequences."),
-    output: Path = typer.Option(..., "-o", "--output", help="Output .npy (a PNG grid is written beside it)."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output .npy, a PNG grid is written beside it (default: a new runs/sample-N/samples.npy)."),
     frames: Optional[int] = typer.Option(None, help="Frames per sequence (default: the training T)."),
     seed: int = typer.Option(0),
     device: str = typer.Option(default_device()),
@@ -1898,17 +2214,18 @@ def sample_command(
     with user_errors():
         if n < 1 or (frames is not None and frames < 1):
             raise UserError("-n and --frames must be at least 1")
-        if output.suffix != ".npy":
+        if output is not None and output.suffix != ".npy":
             raise UserError(f"{output}: expected an output path ending in .npy")
         resolved = _check_device(device)
-        model = load_checkpoint(ckpt, resolved)
+        model = load_model(ckpt, resolved)
+        output = output if output is not None else new_output_folder("sample") / "samples.npy"
         generator = torch.Generator(device=resolved).manual_seed(seed)
         videos = generate(model, batch=n, frames=frames, generator=generator)
         layout = {"batched": True, "channels_last": model.cfg.is_video,
                   "dtype": np.dtype(np.uint8) if model.cfg.is_video else np.dtype(np.float32)}
         save_npy(output, to_layout(videos, layout))
         save_grid_png(list(videos[:16]), output.with_suffix(".png"), model.cfg)
-    typer.echo(f"wrote {output} and {output.with_suffix('.png')}")
+    typer.echo(f"used {model.description}\nwrote {output} and {output.with_suffix('.png')}")
 
 
 def main():

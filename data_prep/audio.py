@@ -46,9 +46,16 @@ def read_sphere(path: Path) -> tuple[np.ndarray, int]:
         raise PrepareError(f"{path}: SPHERE {coding}, {fields.get('sample_n_bytes')} bytes x "
                            f"{fields.get('channel_count')} channels; expected 16-bit mono PCM")
     order = "<" if fields.get("sample_byte_format", "01") == "01" else ">"
-    samples = np.frombuffer(data[header_size:header_size + 2 * int(fields.get("sample_count", 0)) or None],
-                            dtype=f"{order}i2")
-    return samples.astype(np.float32) / 32768.0, int(fields.get("sample_rate", 16000))
+    held = (len(data) - header_size) // 2
+    try:
+        count, rate = int(fields.get("sample_count", held)), int(fields.get("sample_rate", 16000))
+    except ValueError:
+        raise PrepareError(f"{path}: malformed NIST SPHERE sample_count or sample_rate") from None
+    if not 0 < count <= held or rate <= 0 or header_size < 16:
+        raise PrepareError(f"{path}: NIST SPHERE header claims {count} samples at {rate} Hz, the file "
+                           f"holds {max(held, 0)}; expected a complete 16-bit PCM file")
+    samples = np.frombuffer(data[header_size:header_size + 2 * count], dtype=f"{order}i2")
+    return samples.astype(np.float32) / 32768.0, rate
 
 
 def read_audio(path: Path) -> tuple[np.ndarray, int]:
@@ -64,6 +71,10 @@ def read_audio(path: Path) -> tuple[np.ndarray, int]:
             if reader.getsampwidth() != 2:
                 raise PrepareError(f"{path}: {8 * reader.getsampwidth()}-bit audio; expected 16-bit PCM")
             frames = reader.readframes(reader.getnframes())
+            claimed = reader.getnframes() * reader.getnchannels() * 2
+            if len(frames) < claimed or claimed == 0:
+                raise PrepareError(f"{path}: wav header claims {reader.getnframes()} frames, the file holds "
+                                   f"{len(frames) // (2 * reader.getnchannels())}; expected a complete 16-bit PCM file")
             samples = np.frombuffer(frames, dtype="<i2").reshape(-1, reader.getnchannels()).mean(axis=1)
             return samples.astype(np.float32) / 32768.0, reader.getframerate()
     except (wave.Error, EOFError) as error:

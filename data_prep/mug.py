@@ -51,11 +51,14 @@ def load_frame(path: Path, crop, size: int) -> np.ndarray:
             width, height = image.size
             box = (round(crop[0] * width), round(crop[1] * height), round(crop[2] * width), round(crop[3] * height))
             return np.asarray(image.crop(box).resize((size, size), Image.BILINEAR))
-    except OSError as error:
-        raise PrepareError(f"{path}: unreadable image ({error}); expected a JPEG frame") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:   # truncated, not an image
+        raise PrepareError(f"{path}: unreadable image ({type(error).__name__}: {error}); expected a JPEG frame") from None
 
 
-def prepare(source, out_dir, seed: int = 0, size: int = 64, crop=DEFAULT_CROP, progress=None) -> Path:
+def prepare(source, out_dir, seed: int = 0, size: int = 64, crop=DEFAULT_CROP, progress=None,
+            skip_bad: bool = False) -> Path:
+    """Write MUG in the common format; ``skip_bad`` skips a take with an unreadable frame (and
+    lists the file in meta.json) instead of stopping."""
     if len(crop) != 4 or not (0 <= crop[0] < crop[2] <= 1 and 0 <= crop[1] < crop[3] <= 1):
         raise PrepareError(f"crop box {crop}: expected left,top,right,bottom fractions with left < right, top < bottom")
     takes = find_takes(Path(source))
@@ -68,18 +71,32 @@ def prepare(source, out_dir, seed: int = 0, size: int = 64, crop=DEFAULT_CROP, p
     train_subjects = set(shuffled[:cut])
     by_split = {"train": [t for t in usable if t[0] in train_subjects],
                 "test": [t for t in usable if t[0] not in train_subjects]}
-    writer = PreparedWriter(out_dir)
+    writer, skipped = PreparedWriter(out_dir), []
     try:
-        for split, split_takes in by_split.items():
+        for split, split_takes in list(by_split.items()):
             videos = writer.array(split, "sequences", (len(split_takes), FRAMES, size, size, 3), np.uint8)
-            for n, (_, _, frames) in enumerate(split_takes):
-                chosen = np.linspace(0, len(frames) - 1, FRAMES).round().astype(int)
-                videos[n] = np.stack([load_frame(frames[i], crop, size) for i in chosen])
+            kept = []
+            for take in split_takes:
+                chosen = np.linspace(0, len(take[2]) - 1, FRAMES).round().astype(int)
+                try:
+                    videos[len(kept)] = np.stack([load_frame(take[2][i], crop, size) for i in chosen])
+                    kept.append(take)
+                except PrepareError as error:
+                    if not skip_bad:
+                        raise
+                    skipped.append(str(error).split(": ")[0])
                 if progress is not None:
                     progress(1)
             videos.flush()
-            writer.save(split, "label_expression", np.array([t[1] for t in split_takes], np.int64))
-            writer.save(split, "label_subject", np.array([subjects.index(t[0]) for t in split_takes], np.int64))
+            if len(kept) < len(split_takes):          # rewrite without the rows of skipped takes
+                trimmed = np.array(videos[:len(kept)])
+                del videos
+                writer.save(split, "sequences", trimmed)
+            if not kept:
+                raise PrepareError(f"{source}: no readable take left in the {split} split; expected JPEG frames")
+            by_split[split] = kept
+            writer.save(split, "label_expression", np.array([t[1] for t in kept], np.int64))
+            writer.save(split, "label_subject", np.array([subjects.index(t[0]) for t in kept], np.int64))
         meta = {
             "dataset": "mug",
             "splits": {split: {"count": len(t)} for split, t in by_split.items()},
@@ -88,7 +105,7 @@ def prepare(source, out_dir, seed: int = 0, size: int = 64, crop=DEFAULT_CROP, p
             "frame_shape": [3, size, size], "frames": FRAMES,
             "split_rule": f"by subject: subjects shuffled with numpy.random.default_rng({seed}), the first "
                           f"{cut} of {len(subjects)} train ({', '.join(sorted(train_subjects))}), the rest test",
-            "crop": list(crop), "skipped_short_takes": len(takes) - len(usable),
+            "crop": list(crop), "skipped_short_takes": len(takes) - len(usable), "skipped_bad_files": skipped,
         }
         return writer.commit(meta)
     except BaseException:

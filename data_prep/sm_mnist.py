@@ -15,15 +15,19 @@ and test sequences the 10k test digits. With only the test files (``t10k-*``), t
 digits are split into disjoint pools: the first 8000 for training sequences and the last 2000
 for test sequences.
 
-With no directory given, ``download`` fetches the standard files into a cache directory and
-verifies their MD5 checksums.
+With no directory given, ``locate`` looks for the files in ``$CDSVAE_DATA/mnist``, then in the
+cache folder (``$XDG_CACHE_HOME/cdsvae/mnist``, by default ``~/.cache/cdsvae/mnist``), and
+only then ``download``s the four standard files into the cache: each to a ``.part`` file, its MD5
+checksum verified, then renamed, so an interrupted download never leaves a file that is trusted.
 """
 from __future__ import annotations
 
 import gzip
 import hashlib
-import urllib.request
+import http.client
+import os
 from pathlib import Path
+from urllib.request import urlopen
 
 import numpy as np
 
@@ -113,27 +117,77 @@ def digit_pools(directory: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray
     return {"train": (images[:cut], labels[:cut]), "test": (images[cut:], labels[cut:])}
 
 
-def download(cache_dir: str | Path) -> Path:
-    """Fetch the four standard MNIST files into ``cache_dir`` and verify their MD5 sums."""
+def cache_folder() -> Path:
+    """Where downloaded MNIST files are kept: ``$XDG_CACHE_HOME/cdsvae/mnist`` (``~/.cache``)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cdsvae" / "mnist"
+
+
+def _has_test_files(directory: Path) -> bool:
+    return _find(directory, "t10k", "images") is not None and _find(directory, "t10k", "labels") is not None
+
+
+def locate(show_progress: bool = True) -> Path:
+    """The folder of MNIST IDX files to use when none is given: ``$CDSVAE_DATA/mnist`` if it has
+    them, else the cache folder, downloading what it lacks (``download``)."""
+    if os.environ.get("CDSVAE_DATA"):
+        candidate = Path(os.environ["CDSVAE_DATA"]) / "mnist"
+        if _has_test_files(candidate):
+            return candidate
+    return download(cache_folder(), show_progress)
+
+
+def _fetch(url: str, path: Path, progress, task) -> None:
+    """Stream ``url`` into ``path``, advancing the progress bar."""
+    with urlopen(url, timeout=60) as response, path.open("wb") as handle:
+        size = response.headers.get("Content-Length")
+        progress.update(task, total=int(size) if size else None)
+        while chunk := response.read(1 << 16):
+            handle.write(chunk)
+            progress.advance(task, len(chunk))
+
+
+def download(cache_dir: str | Path, show_progress: bool = True) -> Path:
+    """Fetch the four standard MNIST files into ``cache_dir`` (each verified by its MD5 sum and
+    then renamed into place; files already there and verified are kept). Without network: a
+    one-line MnistError naming where the files could be put instead, and nothing left behind."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
     cache_dir = Path(cache_dir)
+    missing = [name for name, md5 in FILES_MD5.items() if not (cache_dir / name).is_file()
+               or hashlib.md5((cache_dir / name).read_bytes()).hexdigest() != md5]
+    if not missing:
+        return cache_dir
+    created = [folder for folder in (cache_dir, *cache_dir.parents) if not folder.exists()]   # deepest first
     cache_dir.mkdir(parents=True, exist_ok=True)
-    for name, md5 in FILES_MD5.items():
-        target = cache_dir / name
-        if target.is_file() and hashlib.md5(target.read_bytes()).hexdigest() == md5:
-            continue
-        partial = target.with_suffix(".part")
-        urllib.request.urlretrieve(MIRROR + name, partial)
-        if hashlib.md5(partial.read_bytes()).hexdigest() != md5:
-            partial.unlink()
-            raise MnistError(f"{name}: checksum mismatch after download from {MIRROR}")
-        partial.replace(target)
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
+    with Progress(*columns, disable=not show_progress, transient=True) as progress:
+        for name in missing:
+            target, partial = cache_dir / name, cache_dir / (name + ".part")
+            try:
+                _fetch(MIRROR + name, partial, progress, progress.add_task(name))
+            except (OSError, http.client.HTTPException) as error:   # URLError is an OSError
+                partial.unlink(missing_ok=True)
+                for folder in created:              # leave no empty folders behind either
+                    if not any(folder.iterdir()):
+                        folder.rmdir()
+                reason = getattr(error, "reason", None) or error
+                raise MnistError(
+                    f"could not download MNIST from {MIRROR} ({type(error).__name__}: {reason}); expected "
+                    f"network access, or the IDX files (t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz, "
+                    f"optionally train-*) in a folder passed with --data-dir (train) or --source (prepare), "
+                    f"in $CDSVAE_DATA/mnist, or in {cache_dir}") from None
+            if hashlib.md5(partial.read_bytes()).hexdigest() != FILES_MD5[name]:
+                partial.unlink()
+                raise MnistError(f"{name}: checksum mismatch after download from {MIRROR}; expected "
+                                 f"MD5 {FILES_MD5[name]} (try again, or pass the files with --data-dir)")
+            partial.replace(target)
     return cache_dir
 
 
-def pools_from(source) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Digit pools from a folder of IDX files, or (``source`` None) from the standard files
-    downloaded to ``~/.cache/cdsvae/mnist``."""
-    return digit_pools(source if source is not None else download(Path.home() / ".cache" / "cdsvae" / "mnist"))
+def pools_from(source, show_progress: bool = True) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Digit pools from a folder of IDX files, or (``source`` None) from the folder ``locate``
+    finds or downloads."""
+    return digit_pools(source if source is not None else locate(show_progress))
 
 
 def _resize(images: np.ndarray, size: int) -> np.ndarray:

@@ -54,8 +54,12 @@ def _load_sheet(path: Path, cells: np.ndarray) -> np.ndarray:
     if not path.is_file():
         raise PrepareError(f"{path}: missing; expected the LPC sprite-sheet layers "
                            "<source>/{body,bottomwear,topwear,hair}/0..5.png and <source>/shoes/1.png")
-    with Image.open(path) as image:
-        sheet = np.asarray(image.convert("RGBA"))
+    try:
+        with Image.open(path) as image:
+            sheet = np.asarray(image.convert("RGBA"))
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:   # truncated, not an image
+        raise PrepareError(f"{path}: unreadable image ({type(error).__name__}: {error}); expected an LPC "
+                           "sprite-sheet PNG") from None
     if sheet.shape[:2] != (21 * CELL, COLUMNS * CELL):
         raise PrepareError(f"{path}: a {sheet.shape[1]}x{sheet.shape[0]} image; expected an "
                            f"{COLUMNS * CELL}x{21 * CELL} sheet of 64x64 cells")

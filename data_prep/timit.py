@@ -73,15 +73,22 @@ def folder_items(root: Path, test_indices: int = 5) -> dict:
 
 
 def _write(out_dir, dataset: str, items: dict, kinds: dict, disjoint: list, split_rule: str,
-           seed: int, n_mels: int, progress) -> Path:
+           seed: int, n_mels: int, progress, skip_bad: bool = False) -> Path:
     rng = np.random.default_rng(seed)
+    skipped = []
     classes = {factor: sorted({labels[factor] for split in items.values() for _, labels in split})
                for factor in kinds}
     collected, rates = {}, set()
     for split, files in items.items():
         originals, views, labels = [], [], {factor: [] for factor in kinds}
         for path, file_labels in files:
-            original, converted, rate = audio.utterance_segments(path, rng, n_mels)
+            try:
+                original, converted, rate = audio.utterance_segments(path, rng, n_mels)
+            except PrepareError:
+                if not skip_bad:
+                    raise
+                skipped.append(str(path))
+                continue
             rates.add(rate)
             originals.append(original)
             views.append(converted)
@@ -107,7 +114,7 @@ def _write(out_dir, dataset: str, items: dict, kinds: dict, disjoint: list, spli
             "splits": {split: {"count": int(len(v[0]))} for split, v in collected.items()},
             "labels": classes, "kind": kinds, "disjoint": disjoint,
             "frame_shape": [n_mels], "frames": audio.SEGMENT_FRAMES,
-            "split_rule": split_rule,
+            "split_rule": split_rule, "skipped_bad_files": skipped,
             "features": {"type": "log mel filterbank", "n_mels": n_mels, "window_ms": audio.WINDOW_MS,
                          "shift_ms": audio.SHIFT_MS, "segment_frames": audio.SEGMENT_FRAMES,
                          "sample_rates": sorted(rates),
@@ -122,17 +129,19 @@ def _write(out_dir, dataset: str, items: dict, kinds: dict, disjoint: list, spli
         raise
 
 
-def prepare_timit(source, out_dir, seed: int = 0, n_mels: int = audio.N_MELS, progress=None) -> Path:
+def prepare_timit(source, out_dir, seed: int = 0, n_mels: int = audio.N_MELS, progress=None,
+                  skip_bad: bool = False) -> Path:
     items = timit_items(Path(source))
     return _write(out_dir, "timit", items, {"speaker": "static", "region": "static"}, ["speaker"],
-                  "the corpus's own TRAIN/TEST split (disjoint speakers)", seed, n_mels, progress)
+                  "the corpus's own TRAIN/TEST split (disjoint speakers)", seed, n_mels, progress, skip_bad)
 
 
-def prepare_folder(source, out_dir, seed: int = 0, n_mels: int = audio.N_MELS, progress=None) -> Path:
+def prepare_folder(source, out_dir, seed: int = 0, n_mels: int = audio.N_MELS, progress=None,
+                   skip_bad: bool = False) -> Path:
     items = folder_items(Path(source))
     return _write(out_dir, "fsdd", items, {"speaker": "static", "digit": "dynamic"}, [],
                   "files with index 0-4 are test, the rest train (the FSDD convention)",
-                  seed, n_mels, progress)
+                  seed, n_mels, progress, skip_bad)
 
 
 def count_files(source, folder_mode: bool) -> int:

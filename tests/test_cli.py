@@ -4,6 +4,7 @@ import json
 import pickle
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -94,7 +95,7 @@ def bad_inputs(tmp_path):
         "wrong_frame_size": (np.zeros((5, 32, 32, 3), dtype=np.uint8), "do not match"),
         "nan": (np.full((5, 16, 16, 3), np.nan, dtype=np.float32), "NaN"),
         "out_of_range": (np.full((5, 16, 16, 3), 2.0, dtype=np.float32), "outside [0, 1]"),
-        "object": (np.array([None] * 5, dtype=object), "not a readable .npy"),
+        "object": (np.array([None] * 5, dtype=object), "dtype object not supported"),
         "strings": (np.array(["a", "b"]), "dtype <U1"),
         "empty": (np.zeros((0, 16, 16, 3), dtype=np.uint8), "empty"),
         "int64": (good.astype(np.int64), "dtype int64"),
@@ -107,7 +108,7 @@ def bad_inputs(tmp_path):
     np.save(tmp_path / "full.npy", good)
     data = (tmp_path / "full.npy").read_bytes()
     (tmp_path / "truncated.npy").write_bytes(data[: len(data) // 2])
-    paths["truncated"] = (tmp_path / "truncated.npy", "not a readable .npy")
+    paths["truncated"] = (tmp_path / "truncated.npy", "header declares shape (5, 16, 16, 3) (3840 bytes) but the file holds")
     (tmp_path / "text.npy").write_text("hello, not an array\n")
     paths["not_npy"] = (tmp_path / "text.npy", "not a .npy file")
     np.savez(tmp_path / "archive.npz", x=good)
@@ -167,6 +168,21 @@ def test_bad_checkpoints_get_one_line_and_exit_2_under_every_command(tmp_path):
     assert not marker.exists(), "loading a checkpoint ran code"
 
 
+def test_sm_mnist_without_network_or_files_is_one_line_and_writes_nothing(tmp_path, monkeypatch):
+    import urllib.error
+    from data_prep import sm_mnist
+
+    def offline(url, timeout):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+    monkeypatch.setattr(sm_mnist, "urlopen", offline)
+    monkeypatch.delenv("CDSVAE_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert_user_error(run("train", "--data", "sm-mnist", "--out", tmp_path / "run"),
+                      "could not download MNIST", "--data-dir", "CDSVAE_DATA", str(tmp_path / "cache"))
+    assert_user_error(run("prepare", "sm-mnist", "--out", tmp_path / "prepared"), "could not download MNIST")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []      # no run, no prepared folder, no cache
+
+
 def test_train_rejects_bad_options(tmp_path):
     assert_user_error(run("train", "--data", "nope", "--out", tmp_path / "r"), "unknown dataset", "expected")
     assert_user_error(run("train", "--mi", "nope", "--out", tmp_path / "r"), "expected contrastive")
@@ -192,13 +208,26 @@ def test_sample_rejects_bad_options(tmp_path, checkpoint):
     assert_user_error(run("sample", "--ckpt", checkpoint, "-o", tmp_path / "s.png"), "ending in .npy")
 
 
-def test_train_cli_writes_its_outputs(tmp_path):
-    out = tmp_path / "run"
-    result = run("train", "--epochs", 1, "--frame-size", 16, "--static-dim", 4, "--dynamic-dim", 2,
-                 "--hidden-dim", 8, "--feature-dim", 8, "--conv-width", 4, "--batch-size", 256,
-                 "--out", out, "--device", "cpu")
-    assert result.exit_code == 0, result.output
-    assert "probe accuracy" in result.output
+def test_train_cli_writes_its_outputs_and_a_first_session_needs_no_flags_after_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "runs" / "cdsvae"                        # train's default --out
+    trained = run("train", "--epochs", 1, "--frame-size", 16, "--static-dim", 4, "--dynamic-dim", 2,
+                  "--hidden-dim", 8, "--feature-dim", 8, "--conv-width", 4, "--batch-size", 256,
+                  "--device", "cpu")
+    assert trained.exit_code == 0, trained.output
+    # the README's first session: two sequences, then a swap with no flags, twice
+    for seed, name in ((0, "a.npy"), (1, "b.npy")):
+        result = run("sample", "-n", 1, "--seed", seed, "-o", name)
+        assert result.exit_code == 0 and f"used {Path('runs/cdsvae/last.pt')}" in result.output, result.output
+    for n in (1, 2):
+        result = run("swap", "a.npy", "b.npy")
+        assert result.exit_code == 0, result.output
+        assert (tmp_path / "runs" / f"swap-{n}" / "swap.png").is_file()
+        assert f"wrote {Path(f'runs/swap-{n}')}/" in result.output
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["cdsvae", "swap-1", "swap-2"]
+    result = run("encode", "a.npy")
+    assert result.exit_code == 0 and (tmp_path / "runs" / "encode-1" / "s.npy").is_file(), result.output
+    assert "probe accuracy" in trained.output
     config = json.loads((out / "config.json").read_text())
     assert config["frame_shape"] == [3, 16, 16] and config["static_dim"] == 4
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -206,7 +235,35 @@ def test_train_cli_writes_its_outputs(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["probe"]) >= {"s_static", "s_dynamic", "z_static", "z_dynamic", "chance"}
     assert all(0.0 <= summary["probe"][k] <= 1.0 for k in ("s_static", "s_dynamic", "z_static", "z_dynamic"))
+    test_labels = cdsvae.load_dataset("shapes", None, 16, 0).test.labels     # chance, computed directly
+    for kind, factors in (("static", ("shape", "colour")), ("dynamic", ("direction", "scale"))):
+        majority = [max(np.mean(test_labels[f] == c) for c in set(test_labels[f].tolist())) for f in factors]
+        assert summary["probe"]["chance"][kind] == pytest.approx(np.mean(majority))
+    assert summary["probe"]["s_static"] == pytest.approx(np.mean([summary["probe"]["per_factor"][f"s/{f}"]
+                                                                  for f in ("shape", "colour")]))
     assert cdsvae.load_checkpoint(out / "last.pt").cfg.static_dim == 4
+
+
+def test_without_a_run_the_commands_ask_for_train_or_a_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert_user_error(run("swap", "a.npy", "b.npy"), "no trained model under runs/", "cdsvae train", "--ckpt")
+    assert_user_error(run("sample", "-n", 1), "no trained model under runs/")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_newest_run_is_used_and_its_best_checkpoint_first(tmp_path, checkpoint):
+    import os
+    runs = tmp_path / "runs"
+    for age, name in ((200, "old"), (100, "new"), (0, "swap-3")):
+        (runs / name).mkdir(parents=True)
+        if name != "swap-3":
+            (runs / name / "last.pt").write_bytes(checkpoint.read_bytes())
+            os.utime(runs / name / "last.pt", (1e9 - age, 1e9 - age))
+    assert cdsvae.newest_checkpoint(runs) == runs / "new" / "last.pt"
+    (runs / "new" / "best.pt").write_bytes(checkpoint.read_bytes())
+    assert cdsvae.newest_checkpoint(runs) == runs / "new" / "best.pt"
+    assert cdsvae.new_output_folder("swap", runs) == runs / "swap-4"      # after the largest, never reused
+    assert cdsvae.new_output_folder("encode", runs) == runs / "encode-1"
 
 
 def test_module_entry_point_runs():

@@ -1,5 +1,6 @@
 """The built-in shapes dataset and Stochastic Moving MNIST from the real MNIST test digits."""
 import gzip
+import urllib.error
 from pathlib import Path
 
 import numpy as np
@@ -118,3 +119,82 @@ def test_sm_mnist_sequences_from_real_digits():
     again = sm_mnist.generate(images, labels, 40, seed=0, size=64, frames=15)[0]
     assert np.array_equal(videos, again)
     assert sm_mnist.generate(images, labels, 3, seed=0, size=32)[0].shape == (3, 15, 32, 32, 1)
+
+
+class FakeResponse:
+    """An HTTP response serving ``payload`` in 100-byte chunks, failing after ``fail_after`` bytes."""
+
+    def __init__(self, payload, fail_after=None):
+        self.payload, self.sent, self.fail_after = payload, 0, fail_after
+        self.headers = {"Content-Length": str(len(payload))}
+
+    def read(self, size):
+        if self.fail_after is not None and self.sent >= self.fail_after:
+            raise ConnectionResetError("connection reset by peer")
+        chunk = self.payload[self.sent:self.sent + min(size, 100)]
+        self.sent += len(chunk)
+        return chunk
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def mnist_payloads(tmp_path):
+    """The four MNIST files as small real gzip IDX files, and their MD5 sums."""
+    import hashlib
+    rng = np.random.default_rng(0)
+    arrays = {"train-images-idx3-ubyte.gz": rng.integers(0, 256, (30, 28, 28)),
+              "train-labels-idx1-ubyte.gz": rng.integers(0, 10, 30),
+              "t10k-images-idx3-ubyte.gz": rng.integers(0, 256, (12, 28, 28)),
+              "t10k-labels-idx1-ubyte.gz": rng.integers(0, 10, 12)}
+    payloads = {}
+    tmp_path.mkdir(parents=True)
+    for name, array in arrays.items():
+        write_idx(tmp_path / name, array, True)
+        payloads[name] = (tmp_path / name).read_bytes()
+    return payloads, {name: hashlib.md5(data).hexdigest() for name, data in payloads.items()}
+
+
+def test_an_interrupted_download_is_never_trusted_and_a_finished_one_is_reused(tmp_path, monkeypatch):
+    payloads, md5 = mnist_payloads(tmp_path / "served")
+    monkeypatch.setattr(sm_mnist, "FILES_MD5", md5)
+    cache = tmp_path / "cache"
+    requests = []
+
+    def interrupted(url, timeout):
+        requests.append(url)
+        return FakeResponse(payloads[url.rsplit("/", 1)[1]], fail_after=300)
+    monkeypatch.setattr(sm_mnist, "urlopen", interrupted)
+    with pytest.raises(sm_mnist.MnistError, match="could not download MNIST.*ConnectionResetError.*--data-dir"):
+        sm_mnist.download(cache, show_progress=False)
+    assert not cache.exists()                   # nothing half-written is left behind
+    cache.mkdir()                               # a partial file and a corrupt file from elsewhere
+    (cache / "t10k-images-idx3-ubyte.gz.part").write_bytes(payloads["t10k-images-idx3-ubyte.gz"][:300])
+    (cache / "t10k-labels-idx1-ubyte.gz").write_bytes(b"not the file")
+    monkeypatch.setattr(sm_mnist, "urlopen", lambda url, timeout: requests.append(url) or
+                        FakeResponse(payloads[url.rsplit("/", 1)[1]]))
+    requests.clear()
+    assert sm_mnist.download(cache, show_progress=False) == cache
+    assert len(requests) == 4                   # the corrupt file was fetched again
+    assert {p.name: p.read_bytes() for p in cache.iterdir()} == payloads
+    requests.clear()
+    assert sm_mnist.download(cache, show_progress=False) == cache and requests == []   # reused
+    assert len(sm_mnist.digit_pools(cache)["train"][0]) == 30
+
+
+def test_mnist_is_found_in_cdsvae_data_before_any_download(tmp_path, monkeypatch):
+    payloads, _ = mnist_payloads(tmp_path / "data" / "mnist")
+    monkeypatch.setenv("CDSVAE_DATA", str(tmp_path / "data"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+    def offline(url, timeout):
+        raise urllib.error.URLError("no network")
+    monkeypatch.setattr(sm_mnist, "urlopen", offline)
+    assert sm_mnist.locate(show_progress=False) == tmp_path / "data" / "mnist"
+    monkeypatch.delenv("CDSVAE_DATA")
+    assert sm_mnist.cache_folder() == tmp_path / "cache" / "cdsvae" / "mnist"
+    with pytest.raises(sm_mnist.MnistError, match="URLError: no network.*CDSVAE_DATA"):
+        sm_mnist.locate(show_progress=False)

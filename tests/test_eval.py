@@ -1,7 +1,9 @@
 """The judge and the paper's evaluation protocol, end to end on small data."""
 import json
+import math
 
 import numpy as np
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -23,8 +25,10 @@ def test_judge_learns_the_shapes_factors_and_eval_reports_the_protocol(tmp_path)
     accuracy = cdsvae.train_judge(data, "cpu", epochs=40, out=tmp_path / "judge.pt", show_progress=False)
     assert set(accuracy) == {"shape", "colour", "direction", "scale"}
     assert accuracy["colour"] > 0.9 and accuracy["direction"] > 0.9     # easy factors, real learning
-    judge = cdsvae.load_judge(tmp_path / "judge.pt")
+    judge = cdsvae.load_judge(tmp_path / "judge.pt", frame_shape=(3, 16, 16))
     assert judge.kinds["direction"] == "dynamic"
+    with pytest.raises(cdsvae.UserError, match=r"judge for frames \(3, 16, 16\), the data has \(3, 32, 32\)"):
+        cdsvae.load_judge(tmp_path / "judge.pt", frame_shape=(3, 32, 32))
 
     torch.manual_seed(0)
     cfg = cdsvae.Config(frame_shape=(3, 16, 16), static_dim=4, dynamic_dim=2, feature_dim=8,
@@ -38,6 +42,14 @@ def test_judge_learns_the_shapes_factors_and_eval_reports_the_protocol(tmp_path)
     for metrics in report["results"].values():
         assert 0 <= metrics["acc"]["mean"] <= 1 and metrics["is"]["mean"] >= 1 - 1e-6
         assert metrics["h_yx"]["mean"] >= 0 and metrics["acc"]["std"] >= 0
+    # IS = exp E_x KL(p(y|x) || p(y)) = exp(H(y) - H(y|x)) over the same generations, and
+    # H(y) <= log(classes): a slip in any of the three metrics breaks one of these
+    single = cdsvae.evaluate(model, judge, data, "cpu", repeat=1)
+    for key, metrics in single["results"].items():
+        classes = len(judge.classes[key.split("/")[1]])
+        h_y, h_yx, score = (metrics[m]["mean"] for m in ("h_y", "h_yx", "is"))
+        assert math.log(score) == pytest.approx(h_y - h_yx, abs=1e-6), key
+        assert h_y <= math.log(classes) + 1e-9 and score <= classes + 1e-9, key
     assert "| fixed_dynamic/direction |" in cdsvae.evaluation_table(report)
 
 

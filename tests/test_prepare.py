@@ -273,3 +273,65 @@ def test_training_on_prepared_speech_reports_speaker_verification(tmp_path):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert 0.0 <= summary["speaker_verification"]["eer_s"] <= 1.0
     assert set(summary["probe"]["per_factor"]) == {"s/region", "z/region"}   # speaker is disjoint
+
+
+# --- corrupt media -------------------------------------------------------------------------------
+
+def corrupt(kind, path):
+    """Spoil one source file the way real corpora get spoiled."""
+    data = path.read_bytes()
+    if kind == "truncated image":
+        path.write_bytes(data[:len(data) // 3])
+    elif kind == "not an image":
+        path.write_bytes(b"<html>404 Not Found</html>")
+    elif kind == "truncated wav":                          # header says 8000 frames, 1000 are there
+        import wave
+        with wave.open(str(path), "wb") as writer:
+            writer.setnchannels(1), writer.setsampwidth(2), writer.setframerate(16000)
+            writer.writeframes(np.zeros(8000, np.int16).tobytes())
+        path.write_bytes(path.read_bytes()[:44 + 2000])
+    elif kind == "impossible sphere count":
+        path.write_bytes(data.replace(b"sample_count -i 8000", b"sample_count -i 9999999"))
+
+
+@pytest.mark.parametrize("kind", ["truncated image", "not an image"])
+def test_a_corrupt_mug_frame_is_one_line_or_skipped(tmp_path, kind):
+    mug_tree(tmp_path / "mug")
+    victim = tmp_path / "mug" / "002" / "surprise" / "take000" / "img_0000.jpg"   # always among the 15
+    corrupt(kind, victim)
+    result = run("prepare", "mug", "--source", tmp_path / "mug", "--out", tmp_path / "out")
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert result.stderr.strip().startswith(f"error: {victim}: unreadable image")
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))
+    result = run("prepare", "mug", "--source", tmp_path / "mug", "--out", tmp_path / "out", "--skip-bad")
+    assert result.exit_code == 0 and "skipped 1 unreadable files" in result.output, result.output
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert meta["skipped_bad_files"] == [str(victim)]
+    data = cdsvae.load_dataset("mug", str(tmp_path / "out"))
+    assert len(data.train.sequences) + len(data.test.sequences) == 5 * 2 - 1      # that take is gone
+    assert len(data.train.labels["expression"]) == len(data.train.sequences)
+
+
+@pytest.mark.parametrize("kind", ["truncated wav", "impossible sphere count"])
+def test_corrupt_audio_is_one_line_or_skipped(tmp_path, kind):
+    timit_tree(tmp_path / "timit")
+    victim = next((tmp_path / "timit").rglob("SX12.WAV"))
+    corrupt(kind, victim)
+    result = run("prepare", "timit", "--source", tmp_path / "timit", "--out", tmp_path / "out")
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    line = result.stderr.strip()
+    assert len(line.splitlines()) == 1 and line.startswith(f"error: {victim}: ")
+    assert ("claims 8000 frames, the file holds 1000" if kind == "truncated wav" else "claims 9999999 samples") in line
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))
+    result = run("prepare", "timit", "--source", tmp_path / "timit", "--out", tmp_path / "out", "--skip-bad")
+    assert result.exit_code == 0 and "skipped 1 unreadable files" in result.output, result.output
+    assert json.loads((tmp_path / "out" / "meta.json").read_text())["skipped_bad_files"] == [str(victim)]
+
+
+def test_a_corrupt_sprite_sheet_names_the_file(tmp_path):
+    from data_prep import sprites
+    (tmp_path / "body").mkdir()
+    (tmp_path / "body" / "0.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+    with pytest.raises(common.PrepareError, match=r"body/0.png: unreadable image"):
+        sprites._load_sheet(tmp_path / "body" / "0.png", np.array([0]))

@@ -1,5 +1,6 @@
 """Training that scales out and survives faults: DDP equivalence, exact resume after SIGKILL,
 non-finite steps, hostile checkpoints under --resume."""
+import errno
 import hashlib
 import json
 import math
@@ -59,6 +60,23 @@ def test_torchrun_trains_unchanged(tmp_path):
     assert result.stdout.count("trained ") == 1               # rank 0 alone reports
 
 
+def test_torchrun_resume_restores_every_ranks_noise_and_ends_as_an_uninterrupted_run(tmp_path):
+    common = ["-m", "cdsvae", "train", "--epochs", "2", *TINY, "--log-every", "1"]
+    assert torchrun(*common, "--out", tmp_path / "whole").returncode == 0
+    stopped = torchrun(*common, "--time-budget", "0.00001", "--out", tmp_path / "cut")   # after step 1
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    saved = cdsvae.read_checkpoint(tmp_path / "cut" / "last.pt")
+    assert saved["step"] == 1 and len(saved["rng"]["per_rank"]) == 2
+    assert not torch.equal(saved["rng"]["per_rank"][0]["torch"], saved["rng"]["per_rank"][1]["torch"])
+    resumed = torchrun(*common, "--out", tmp_path / "cut", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    whole, cut = (cdsvae.read_checkpoint(tmp_path / run / "last.pt") for run in ("whole", "cut"))
+    assert whole["step"] == cut["step"] == 22
+    for name, tensor in whole["state_dict"].items():
+        assert torch.equal(tensor, cut["state_dict"][name]), name
+    assert (tmp_path / "whole" / "metrics.jsonl").read_text() == (tmp_path / "cut" / "metrics.jsonl").read_text()
+
+
 def train_args(out, epochs=4):
     return [sys.executable, "-m", "cdsvae", "train", "--epochs", str(epochs), *TINY, "--log-every", "1",
             "--out", str(out)]
@@ -89,6 +107,133 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
     for name, tensor in whole["state_dict"].items():
         assert torch.equal(tensor, resumed["state_dict"][name]), name
     assert (tmp_path / "whole" / "metrics.jsonl").read_text() == (out / "metrics.jsonl").read_text()
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_in_mid_epoch_saves_that_step_and_resume_ends_as_an_uninterrupted_run(tmp_path, monkeypatch,
+                                                                                        stop_signal):
+    cdsvae.train(small_cfg(epochs=3), small_data(), tmp_path / "whole", show_progress=False, log_every=1)
+    handlers = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
+    learning_rate = cdsvae.learning_rate
+
+    def signalled_at_step_6(cfg, step, total_steps, budget_used=0.0):   # 4 steps an epoch: epoch 1, batch 2
+        if step == 5:
+            os.kill(os.getpid(), stop_signal)
+        return learning_rate(cfg, step, total_steps, budget_used)
+    monkeypatch.setattr(cdsvae, "learning_rate", signalled_at_step_6)
+    with pytest.raises(cdsvae.TrainingInterrupted, match=f"stopped by {stop_signal.name} after step 6") as stop:
+        cdsvae.train(small_cfg(epochs=3), small_data(), tmp_path / "cut", show_progress=False, log_every=1)
+    assert stop.value.exit_status == 128 + stop_signal
+    assert {number: signal.getsignal(number) for number in handlers} == handlers      # restored
+    saved = cdsvae.read_checkpoint(tmp_path / "cut" / "last.pt")
+    assert (saved["step"], saved["epoch"], saved["position"]) == (6, 1, 2)
+    assert not (tmp_path / "cut" / "train.lock").exists()
+    monkeypatch.setattr(cdsvae, "learning_rate", learning_rate)
+    cdsvae.train(small_cfg(epochs=3), small_data(), tmp_path / "cut", show_progress=False, log_every=1, resume=True)
+    whole = cdsvae.read_checkpoint(tmp_path / "whole" / "last.pt")
+    resumed = cdsvae.read_checkpoint(tmp_path / "cut" / "last.pt")
+    assert whole["step"] == resumed["step"] == 12
+    for name, tensor in whole["state_dict"].items():
+        assert torch.equal(tensor, resumed["state_dict"][name]), name
+    assert (tmp_path / "whole" / "metrics.jsonl").read_text() == (tmp_path / "cut" / "metrics.jsonl").read_text()
+
+
+def test_sigterm_to_the_cli_is_one_line_and_exit_143(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "run"
+    process = subprocess.Popen(train_args(out, epochs=1000), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True, env=env)
+    deadline = time.time() + 120
+    while not (out / "config.json").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)                                          # into the training loop
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    step = cdsvae.read_checkpoint(out / "last.pt")["step"]
+    assert lines[-1] == (f"stopped by SIGTERM after step {step}; {out / 'last.pt'} holds that step, and the "
+                         "same command with --resume continues from it")
+    assert "Traceback" not in stderr and not (out / "train.lock").exists()
+
+
+class FullDiskFile:
+    """A file whose writes fail with ENOSPC after ``allowed`` of them."""
+
+    def __init__(self, handle, allowed):
+        self.handle, self.allowed = handle, allowed
+
+    def write(self, text):
+        self.allowed -= 1
+        if self.allowed < 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return self.handle.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self.handle, name)
+
+
+@pytest.mark.parametrize("site", ["last.pt", "config.json", "summary.json", "metrics.jsonl"])
+def test_a_full_disk_at_any_write_keeps_the_previous_state_and_is_one_line(tmp_path, monkeypatch, site):
+    out = tmp_path / "run"
+    if site == "last.pt":                                   # the second epoch's checkpoint fails mid-file
+        real_save, saves = torch.save, []
+
+        def save(payload, path, *args, **kwargs):
+            saves.append(path)
+            if len(saves) == 2:
+                Path(path).write_bytes(b"PK\x03\x04 cut short")
+                raise RuntimeError("[enforce fail at inline_container.cc] . PytorchStreamWriter failed writing file")
+            return real_save(payload, path, *args, **kwargs)
+        monkeypatch.setattr(torch, "save", save)
+    elif site == "metrics.jsonl":                           # fails after 15 records (epoch 2)
+        real_open = Path.open
+        monkeypatch.setattr(Path, "open", lambda path, mode="r", *args, **kwargs: FullDiskFile(
+            real_open(path, mode, *args, **kwargs), 15) if path.name == site and mode == "a"
+            else real_open(path, mode, *args, **kwargs))
+    else:
+        real_replace = os.replace
+
+        def replace(source, target):
+            if Path(target).name == site:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real_replace(source, target)
+        monkeypatch.setattr(os, "replace", replace)
+    result = runner.invoke(cdsvae.app, ["train", "--epochs", "3", *TINY, "--log-every", "1", "--out", str(out)])
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: could not write {out / site} ("), lines
+    assert lines[0].endswith("expected a writable folder with free space") and "Traceback" not in result.output
+    assert not list(out.glob("*.tmp"))
+    if site in ("last.pt", "metrics.jsonl", "summary.json"):   # the state saved before is intact
+        assert cdsvae.read_checkpoint(out / "last.pt")["step"] == (11 if site != "summary.json" else 33)
+    if site == "last.pt":
+        assert "the last.pt written before is intact" in lines[0]
+
+
+def test_one_run_per_folder_and_a_dead_runs_lock_is_taken_over(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "run"
+    first = subprocess.Popen(train_args(out, epochs=1000), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        deadline = time.time() + 120
+        while not (out / "config.json").exists() and time.time() < deadline:   # the lock comes first
+            time.sleep(0.05)
+        lock = (out / "train.lock").read_text().split()
+        assert lock[1] == str(first.pid)
+        second = subprocess.run(train_args(out, epochs=1), capture_output=True, text=True, env=env, timeout=300)
+        assert second.returncode == 2 and "Traceback" not in second.stderr
+        assert second.stderr.strip().splitlines() == [
+            f"error: {out}: another cdsvae train (process {first.pid} on {lock[0]}) is writing there; "
+            "expected one run per folder (wait for it, or pass another --out)"]
+        assert first.poll() is None                         # the first run goes on
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=60)
+    third = subprocess.run(train_args(out, epochs=1), capture_output=True, text=True, env=env, timeout=300)
+    assert third.returncode == 0, third.stderr[-2000:]
+    assert f"note: took over {out / 'train.lock'}, left by process {first.pid}, which is gone" in third.stderr
+    assert (out / "summary.json").is_file() and not (out / "train.lock").exists()
 
 
 def folder_digest(folder):
@@ -184,7 +329,8 @@ def test_a_time_budget_stops_training_after_the_step_that_runs_out_and_saves_it(
     summary = cdsvae.train(small_cfg(epochs=50), small_data(), tmp_path, show_progress=False,
                            time_budget=1e-9)
     assert summary["stopped"] == "time budget" and summary["steps"] == 1
-    assert cdsvae.read_checkpoint(tmp_path / "last.pt")["step"] == 1
+    saved = cdsvae.read_checkpoint(tmp_path / "last.pt")
+    assert (saved["step"], saved["epoch"], saved["position"]) == (1, 0, 1)     # resumes right there
     result = runner.invoke(cdsvae.app, ["train", *TINY, "--epochs", "1", "--time-budget", "0",
                                         "--out", str(tmp_path / "cli")])
     assert result.exit_code == 2 and result.output.startswith("error: --time-budget must be positive")
@@ -225,6 +371,20 @@ def test_cosine_schedule_warms_up_linearly_then_decays_to_zero(tmp_path):
     assert optimizer["param_groups"][0]["lr"] == pytest.approx(0.005 * (1 + math.cos(math.pi * 7 / 8)))
 
 
+def test_cosine_schedule_under_a_time_budget_decays_with_the_minutes(tmp_path):
+    cfg = small_cfg(lr=0.01, lr_schedule="cosine", warmup_steps=4)
+    # whichever runs out first: half the minutes gone at step 6 of 100 -> half-way down the cosine
+    assert cdsvae.learning_rate(cfg, 6, 100, budget_used=0.5) == pytest.approx(0.005)
+    assert cdsvae.learning_rate(cfg, 10, 12, budget_used=0.1) == pytest.approx(0.005 * (1 + math.cos(math.pi * 6 / 8)))
+    assert cdsvae.learning_rate(cfg, 2, 100, budget_used=0.9) == pytest.approx(0.0075)     # warm-up first
+    assert cdsvae.learning_rate(small_cfg(lr=0.01), 50, 100, budget_used=0.9) == 0.01     # constant
+    summary = cdsvae.train(small_cfg(epochs=10_000, lr=0.01, lr_schedule="cosine"), small_data(), tmp_path,
+                           show_progress=False, time_budget=1.0)
+    assert summary["stopped"] == "time budget" and summary["steps"] < 10_000
+    optimizer = cdsvae.read_checkpoint(tmp_path / "last.pt")["optimizer"]
+    assert optimizer["param_groups"][0]["lr"] == 0.0       # the last step of the budget: the cosine's end
+
+
 class RecordingSequences:
     """Training sequences that remember which indices each read asked for."""
 
@@ -259,7 +419,7 @@ def test_eval_every_holds_out_a_validation_split_logs_its_score_and_keeps_the_be
     payload = cdsvae.read_checkpoint(tmp_path / "best.pt")
     assert payload["step"] == best["step"] and payload["validation"] == best["validation"]
     assert cdsvae.read_checkpoint(tmp_path / "last.pt")["best_score"] == best["validation"]["score"]
-    assert "best validation score" in cdsvae.checkpoint_description(tmp_path / "best.pt")
+    assert "best validation score" in cdsvae.load_checkpoint(tmp_path / "best.pt").description
     # scoring leaves training untouched: scored every 3 steps instead of 2, the same parameters
     cdsvae.train(small_cfg(epochs=2), small_data(), tmp_path / "other", show_progress=False, eval_every=3)
     for (name, a), b in zip(cdsvae.load_checkpoint(tmp_path / "last.pt").state_dict().items(),
