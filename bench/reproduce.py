@@ -104,27 +104,36 @@ def fmt(value, percent=False) -> str:
     return f"{100 * value:.2f}%" if percent else f"{value:.3f}"
 
 
+def paper_rows(paper: dict, columns) -> list:
+    """Every row of the paper's table (and the later methods we have), after ours: the rows named
+    as our variants are the comparison, the others context."""
+    label = "paper, " + paper["table"].split(" (")[0]
+    return [f"| {name} | {label} | " + " | ".join(fmt(published[m], percent) for m, percent in columns) + " |"
+            for name, published in paper.get("rows", {}).items()]
+
+
 def video_tables(dataset: str, runs: dict, paper: dict) -> list:
-    """One paper-style table per (protocol, factor): Acc, IS, H(y|x), H(y) for every variant, with
-    the paper's row beside ours where the paper reports that protocol."""
+    """One paper-style table per (protocol, factor): Acc, IS, H(y|x), H(y) for every variant,
+    followed by every row of the paper's table where the paper reports that protocol."""
     lines = []
     keys = list(next(iter(runs.values()))["eval"]["results"])
     paper_protocol = paper.get("protocol")
+    columns = [(m, m == "acc") for m, _ in METRICS]
+    header = ["| model | source | " + " | ".join(label for _, label in METRICS) + " |", "|---|---|" + "---|" * len(METRICS)]
     for key in keys:
         if key.startswith("swap/"):
             continue
-        lines += [f"\n### {dataset}: {key}", "",
-                  "| model | source | " + " | ".join(label for _, label in METRICS) + " |",
-                  "|---|---|" + "---|" * len(METRICS)]
+        lines += [f"\n### {dataset}: {key}", "", *header]
         for name, run in runs.items():
             metrics = run["eval"]["results"][key]
             cells = [f"{fmt(metrics[m]['mean'], m == 'acc')} ± {fmt(metrics[m]['std'], m == 'acc')}"
                      for m, _ in METRICS]
             lines.append(f"| {name} | ours | " + " | ".join(cells) + " |")
-            published = paper["rows"].get(name) if key == paper_protocol else None
-            if published:
-                cells = [fmt(published[m], m == "acc") for m, _ in METRICS]
-                lines.append(f"| {name} | paper, {paper['table'].split(' (')[0]} | " + " | ".join(cells) + " |")
+        if key == paper_protocol:
+            lines += paper_rows(paper, columns)
+    if paper_protocol and paper_protocol not in keys:        # a protocol ours does not measure (yet)
+        lines += [f"\n### {dataset}: the paper's {paper_protocol} (not measured by ours: {paper.get('note', '')})",
+                  "", *header, *paper_rows(paper, columns)]
     swaps = [k for k in keys if k.startswith("swap/")]
     lines += [f"\n### {dataset}: swap accuracy (s of one test sequence, z of another)", "",
               "| model | " + " | ".join(k.split("/")[1] for k in swaps) + " |", "|---|" + "---|" * len(swaps)]
@@ -140,9 +149,8 @@ def speech_table(dataset: str, runs: dict, paper: dict) -> list:
     for name, run in runs.items():
         sv = run["speaker_verification"]
         lines.append(f"| {name} | ours | {fmt(sv['eer_s'], True)} | {fmt(sv['eer_z'], True)} |")
-        published = paper.get("rows", {}).get(name)
-        if published:
-            lines.append(f"| {name} | paper | {fmt(published['eer_s'], True)} | {fmt(published['eer_z'], True)} |")
+    if paper:
+        lines += paper_rows(paper, [("eer_s", True), ("eer_z", True)])
     return lines
 
 

@@ -65,3 +65,26 @@ def test_balanced_selection_keeps_the_first_items_of_each_class_up_to_the_rarest
     labels = [2, 0, 2, 1, 0, 2, 1, 0]   # class 0 three times here: still two of each
     assert cdsvae.balanced_selection(labels).tolist() == [0, 1, 2, 3, 4, 6]
     assert cdsvae.balanced_selection([1, 1, 1]).tolist() == [0, 1, 2]
+
+
+def test_speaker_verification_scores_every_pair_of_test_segments_once(monkeypatch):
+    """Three speakers, two segments each: s names the speaker (EER 0); z is speaker-free. The
+    EER of z equals the EER of the 15 pairs built by hand."""
+    speakers = np.array([0, 0, 1, 1, 2, 2])
+    static = np.eye(3)[speakers] + 0.01 * np.arange(6)[:, None]
+    dynamic = np.array([[1.0, 0.2], [0.1, 1.0], [0.9, 0.5], [0.3, 0.8], [1.0, 0.0], [0.6, 0.6]])
+    monkeypatch.setattr(cdsvae, "encode_split", lambda model, sequences, device, sample: (
+        static, np.repeat(dynamic[:, None], 4, axis=1)))
+    split = cdsvae.Split(np.zeros((6, 4, 2), np.float32), {"speaker": speakers})
+    data = cdsvae.Dataset("fsdd", split, split, {"speaker": "static"}, {"speaker": ["a", "b", "c"]})
+    result = cdsvae.speaker_verification(None, data, "cpu")
+    scores, same = [], []
+    for i in range(6):
+        for j in range(i + 1, 6):
+            u, v = dynamic[i], dynamic[j]
+            scores.append(float(u @ v / (np.linalg.norm(u) * np.linalg.norm(v))))
+            same.append(speakers[i] == speakers[j])
+    assert result["pairs"] == 15 and result["eer_s"] == 0.0
+    assert result["eer_z"] == pytest.approx(cdsvae.eer(scores, same))
+    sampled = cdsvae.speaker_verification(None, data, "cpu", max_pairs=10)    # random pairs, never a self-pair
+    assert sampled["pairs"] <= 10 and sampled["eer_s"] == 0.0

@@ -64,6 +64,30 @@ def test_motion_parameters_differ_between_sequences():
     params = cdsvae.draw_motion_params(32, 3, generator=torch.Generator().manual_seed(0))
     assert params.brightness.unique().numel() == 32
     assert params.affine.shape == (32, 2, 3)
+    x = video(batch=32)
+    augmented = cdsvae.apply_motion_params(x, params)
+    change = (augmented - x).abs().mean(dim=(1, 2, 3, 4))          # each sequence changed its own way
+    assert change.unique().numel() == 32 and (change > 0.01).all()
+
+
+def test_motion_augmentation_keeps_the_ground_truth_motion_of_shapes():
+    """The motion view changes the look, not the motion: on the built-in shapes, the labelled
+    direction (left/right) and scale trend (growing/shrinking) read from the augmented frames."""
+    from data_prep import shapes
+    videos, labels = shapes.render(64, seed=5)
+    x = cdsvae.to_frames(videos, "cpu")
+    augmented = cdsvae.motion_augment(x, generator=torch.Generator().manual_seed(1))
+    assert (augmented - x).abs().mean() > 0.02
+    for frames, name in ((x, "original"), (augmented, "augmented")):
+        background = frames[:, :, :, :2, :2].mean(dim=(3, 4), keepdim=True)     # corner colour
+        mask = ((frames - background).abs().amax(dim=2) > 0.15).float()          # (B, T, H, W)
+        columns = torch.arange(mask.shape[-1]).float()
+        centre_x = (mask.sum(2) * columns).sum(-1) / mask.sum(dim=(2, 3)).clamp(min=1)
+        area = mask.sum(dim=(2, 3))
+        moving_right = (centre_x[:, -1] > centre_x[:, 0]).numpy()
+        growing = (area[:, -1] > area[:, 0]).numpy()
+        assert (moving_right == (labels["direction"] == 0)).mean() >= 0.95, name
+        assert (growing == (labels["scale"] == 0)).mean() >= 0.95, name
 
 
 def test_identity_motion_params_leave_the_video_unchanged():

@@ -271,7 +271,12 @@ def test_training_on_prepared_speech_reports_speaker_verification(tmp_path):
                  "--hidden-dim", 8, "--feature-dim", 8, "--out", tmp_path / "run", "--device", "cpu")
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert 0.0 <= summary["speaker_verification"]["eer_s"] <= 1.0
+    reported = summary["speaker_verification"]
+    assert reported["pairs"] == 8 * 7 // 2                                     # every pair of test segments
+    data = cdsvae.load_dataset(None, str(tmp_path / "prep"))                   # recomputed from last.pt
+    again = cdsvae.speaker_verification(cdsvae.load_checkpoint(tmp_path / "run" / "last.pt"), data, "cpu")
+    assert again == reported
+    assert f"EER (test split): s {reported['eer_s']:.3f} (low is good), z {reported['eer_z']:.3f}" in result.output
     assert set(summary["probe"]["per_factor"]) == {"s/region", "z/region"}   # speaker is disjoint
 
 

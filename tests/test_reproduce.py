@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--frame-size", "16", "--set", "static_dim=4", "--set", "dynamic_dim=2", "--set", "feature_dim=8",
         "--set", "hidden_dim=8", "--set", "conv_width=4", "--set", "batch_size=128"]
@@ -46,6 +48,35 @@ def test_reproduce_puts_the_papers_rows_beside_ours_for_sprites():
     lines = module.video_tables("sprites", runs, paper)
     assert "| C-DSVAE | ours | 50.00% ± 0.00% |" in "\n".join(lines)
     assert any(line.startswith("| C-DSVAE | paper") and "99.99%" in line and "8.871" in line for line in lines)
+    for method in ("MoCoGAN", "DSVAE", "R-WAE", "S3VAE"):                   # every row of Table 1, as context
+        assert any(line.startswith(f"| {method} | paper, Table 1 |") for line in lines), method
+    timit = json.loads((ROOT / "bench" / "paper_results.json").read_text())["timit"]
+    runs = {"C-DSVAE": {"speaker_verification": {"eer_s": 0.1, "eer_z": 0.2}}}
+    lines = module.speech_table("timit", runs, timit)
+    assert "| C-DSVAE | paper, Tables 4 and 6 | 4.03% | 31.81% |" in lines
+    assert "| w/o motion aug | paper, Tables 4 and 6 | 4.31% | 31.09% |" in lines
+
+
+def test_paper_results_hold_every_table_of_the_paper():
+    """Every number of ../shared/paper/results.md's Tables 1-6 is in bench/paper_results.json."""
+    paper = json.loads((ROOT / "bench" / "paper_results.json").read_text())
+    source = ROOT.parent / "shared" / "paper" / "results.md"
+    if not source.is_file():
+        pytest.skip("../shared/paper/results.md not present")
+    table, checked = None, 0
+    names = {"C-DSVAE w/o content aug": "w/o content aug", "C-DSVAE w/o motion aug": "w/o motion aug"}
+    where = {"Table 1": "sprites", "Table 2": "mug", "Table 3": "sm-mnist", "Table 5": "sm-mnist",
+             "Table 4": "timit", "Table 6": "timit"}
+    for line in source.read_text().splitlines():
+        if line.startswith("Table "):
+            table = where.get(" ".join(line.split()[:2]).rstrip(","))
+        elif table and line.startswith("| ") and not line.startswith(("| method", "|---")):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            row = paper[table]["rows"][names.get(cells[0], cells[0])]
+            values = [float(c.rstrip("%")) / (100 if c.endswith("%") else 1) for c in cells[1:]]
+            assert list(row.values()) == pytest.approx(values, abs=1e-9), (table, cells[0])
+            checked += 1
+    assert checked == 5 + 5 + 5 + 5 + 4 + 4
 
 
 def test_reproduce_rejects_an_unknown_variant_in_one_line(tmp_path):
