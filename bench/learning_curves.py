@@ -5,7 +5,8 @@ minutes, one line per run, drawn with Pillow into a PNG.
 
 Each argument is a run folder (its ``metrics.jsonl``), optionally ``=LABEL``. The score is the
 one ``train`` logged: the judge's accuracy with ``--judge``, else the probe's (see
-``cdsvae.validation_score``). Also prints the points as JSON lines.
+``cdsvae.validation_score``); ``--key`` plots one of its parts instead (e.g.
+``fixed_dynamic/action``). Also prints the points as JSON lines.
 """
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ from PIL import Image, ImageDraw
 COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207)]
 
 
-def read_curve(run: Path) -> list:
-    """(minutes, score) of every validation record of a run, in order."""
+def read_curve(run: Path, key: str = "score") -> list:
+    """(minutes, validation[key]) of every validation record of a run, in order."""
     path = run / "metrics.jsonl"
     if not path.is_file():
         raise SystemExit(f"error: {path}: no such file; expected a run folder written by 'cdsvae train --eval-every N'")
@@ -28,7 +29,10 @@ def read_curve(run: Path) -> list:
     for line in path.read_text().splitlines():
         record = json.loads(line) if line.strip() else {}
         if "validation" in record:
-            points.append((float(record["minutes"]), float(record["validation"]["score"])))
+            if key not in record["validation"]:
+                raise SystemExit(f"error: {path}: no '{key}' in its validation records; expected one of "
+                                 f"{', '.join(record['validation'])}")
+            points.append((float(record["minutes"]), float(record["validation"][key])))
     if not points:
         raise SystemExit(f"error: {path}: no validation records; expected a run trained with --eval-every N")
     return points
@@ -79,11 +83,13 @@ def main(argv=None):
     parser.add_argument("runs", nargs="+", help="RUN_DIR or RUN_DIR=LABEL")
     parser.add_argument("-o", "--output", type=Path, required=True, help="PNG to write")
     parser.add_argument("--title", default="validation score (model selection) vs wall-clock minutes")
+    parser.add_argument("--key", default="score", help="which logged validation entry to plot, e.g. "
+                        "fixed_dynamic/action (default: the score model selection uses)")
     args = parser.parse_args(argv)
     curves = {}
     for spec in args.runs:
         folder, _, label = spec.partition("=")
-        curves[label or Path(folder).name] = read_curve(Path(folder))
+        curves[label or Path(folder).name] = read_curve(Path(folder), args.key)
     plot(curves, args.output, args.title)
     for label, points in curves.items():
         print(json.dumps({"run": label, "minutes": [m for m, _ in points], "score": [s for _, s in points]}))

@@ -313,3 +313,24 @@ def test_objective_stays_fp32_under_bf16_autocast():
     assert all(value.dtype == torch.float32 for value in terms.values())
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_content_flip_takes_i_s_x_against_the_shuffled_mirrored_video(monkeypatch):
+    """content_flip (ours): the content view of I(s;x) is x shuffled and mirrored left-right."""
+    torch.manual_seed(0)
+    model = small_model(content_flip=True)
+    batch, steps = 4, 5
+    x, view = torch.rand(batch, steps, 3, 16, 16), torch.rand(batch, steps, 3, 16, 16)
+    order = torch.stack([torch.randperm(steps) for _ in range(batch)])
+    monkeypatch.setattr(cdsvae, "content_order", lambda b, t, device=None, generator=None: order)
+    monkeypatch.setattr(cdsvae, "motion_augment", lambda frames: view)
+    _, terms = model(x)
+    with torch.no_grad():
+        features = model.encode_frames(torch.cat([x, view, x.flip(-1)]))     # one pass, as BatchNorm saw it
+        shuffled_mirrored = torch.stack([features[2 * batch + b, order[b]] for b in range(batch)])
+        direct = explicit_contrastive(model.static_posterior(features[:batch])[0],
+                                      model.static_posterior(shuffled_mirrored)[0], model.cfg.tau)
+    assert terms["mi_sx"].item() == pytest.approx(direct, rel=1e-4)
+    model.cfg.content_flip = False
+    _, unflipped = model(x)
+    assert unflipped["mi_sx"].item() != pytest.approx(direct, rel=1e-3)

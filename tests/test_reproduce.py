@@ -91,7 +91,7 @@ def test_learning_curves_plots_the_logged_validation_scores(tmp_path):
         run.mkdir()
         lines = [json.dumps({"step": 10, "epoch": 0, "recon": 1.0})]
         lines += [json.dumps({"step": 10 * (k + 1), "epoch": 0, "minutes": 0.5 * (k + 1),
-                              "validation": {"s/a": score, "score": score}}) for k, score in enumerate(scores)]
+                              "validation": {"s/a": score / 2, "score": score}}) for k, score in enumerate(scores)]
         (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     out = tmp_path / "curves.png"
     result = subprocess.run([sys.executable, str(ROOT / "bench" / "learning_curves.py"), f"{tmp_path / 'a'}=C-DSVAE",
@@ -105,6 +105,12 @@ def test_learning_curves_plots_the_logged_validation_scores(tmp_path):
         assert image.size == (720, 440)
         colours = {colour for _, colour in image.getcolors(1 << 20)}
     assert (31, 119, 180) in colours and (214, 39, 40) in colours            # both lines drawn
+    part = subprocess.run([sys.executable, str(ROOT / "bench" / "learning_curves.py"), str(tmp_path / "a"),
+                           "--key", "s/a", "-o", str(tmp_path / "part.png")], capture_output=True, text=True, timeout=60)
+    assert json.loads(part.stdout.splitlines()[0])["score"] == [0.1, 0.25, 0.35]          # one logged part
+    unknown = subprocess.run([sys.executable, str(ROOT / "bench" / "learning_curves.py"), str(tmp_path / "a"),
+                              "--key", "nope", "-o", str(tmp_path / "n.png")], capture_output=True, text=True, timeout=60)
+    assert unknown.returncode == 1 and "no 'nope'" in unknown.stderr and not (tmp_path / "n.png").exists()
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "metrics.jsonl").write_text(json.dumps({"step": 1, "recon": 1.0}) + "\n")

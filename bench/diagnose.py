@@ -1,0 +1,122 @@
+"""Why a trained model does not disentangle: which term pulls where, and which factor goes wrong.
+
+For a checkpoint, a batch of training sequences and (optionally) a judge:
+
+- the gradient norm of each weighted term of eq. (6) (``CDSVAE.objective_terms``) on the frame
+  encoder, the static posterior and the dynamic posterior: which term drives which latent;
+- with ``--judge``: the confusion matrix of the judge on fixed-dynamic generations of the test
+  split (z_1:T the posterior mean, s ~ p(s)) for ``--factor``: which classes the static latent
+  takes over; and for swaps, whether the judged class (and each part of a class name such as
+  "walk-left") follows the z source or the s source.
+
+    python bench/diagnose.py --ckpt RUN/last.pt --data-dir SPRITES32 --judge judge.pt
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import cdsvae  # noqa: E402
+
+MODULES = ("frame_encoder", "static_posterior", "dynamic_posterior")
+
+
+def term_gradients(model: cdsvae.CDSVAE, x: torch.Tensor) -> dict:
+    """{term: {"value", module: gradient norm}} for each weighted term of the loss."""
+    cfg = model.cfg
+    terms = model.objective_terms(x)
+    weighted = {"recon": terms["recon"], "alpha*kl_s": cfg.alpha * terms["kl_s"],
+                "alpha*kl_z": cfg.alpha * terms["kl_z"]}
+    if cfg.mi != "off":
+        weighted.update({"-beta*mi_sx": -cfg.beta * terms["mi_sx"], "-beta*mi_zx": -cfg.beta * terms["mi_zx"],
+                         "gamma*mi_zs": cfg.gamma * terms["mi_zs"]})
+    report = {}
+    for name, value in weighted.items():
+        row = {"value": round(float(value.detach()), 3)}
+        for module in MODULES:
+            parameters = list(getattr(model, module).parameters())
+            grads = torch.autograd.grad(value, parameters, retain_graph=True, allow_unused=True)
+            row[module] = round(float(torch.sqrt(sum((g ** 2).sum() for g in grads if g is not None)
+                                                 if any(g is not None for g in grads) else torch.tensor(0.0))), 3)
+        report[name] = row
+    return report
+
+
+@torch.no_grad()
+def fixed_dynamic_confusion(model, judge, data, factor: str, seed: int = 0) -> np.ndarray:
+    truth = np.asarray(data.test.labels[factor])
+    generator = torch.Generator().manual_seed(seed)
+    judged = []
+    for start in range(0, len(truth), 256):
+        x = cdsvae.to_frames(data.test.sequences[start:start + 256], "cpu")
+        frames = cdsvae.generate(model, dynamic=model.encode(x).dynamic_mean, generator=generator)
+        judged.append(cdsvae.judge_probabilities(judge, frames)[factor].argmax(1))
+    classes = len(data.classes[factor])
+    confusion = np.zeros((classes, classes), dtype=np.int64)
+    np.add.at(confusion, (truth, np.concatenate(judged)), 1)
+    return confusion
+
+
+@torch.no_grad()
+def swap_sources(model, judge, data, factor: str, seed: int = 0) -> dict:
+    """Swaps (s of each test sequence, z of a random other): how often the judged class is the
+    z source's and how often the s source's; for class names made of parts ("walk-left"), the
+    same per part, over the pairs whose sources differ in that part."""
+    truth = np.asarray(data.test.labels[factor])
+    partners = torch.randperm(len(truth), generator=torch.Generator().manual_seed(seed)).numpy()
+    judged = []
+    for start in range(0, len(truth), 256):
+        x = cdsvae.to_frames(data.test.sequences[start:start + 256], "cpu")
+        other = cdsvae.to_frames(data.test.sequences[partners[start:start + 256]], "cpu")
+        frames = model.decode(model.encode(x).static_mean, model.encode(other).dynamic_mean)
+        judged.append(cdsvae.judge_probabilities(judge, frames)[factor].argmax(1))
+    judged, from_s, from_z = np.concatenate(judged), truth, truth[partners]
+    report = {"follows_z": round(float((judged == from_z).mean()), 4),
+              "follows_s": round(float((judged == from_s).mean()), 4)}
+    names = [name.split("-") for name in data.classes[factor]]
+    for part in range(min(len(n) for n in names) if all(len(n) > 1 for n in names) else 0):
+        value = np.array([n[part] for n in names])
+        differ = value[from_s] != value[from_z]
+        report[f"part {part} where the sources differ ({int(differ.sum())} pairs)"] = {
+            "follows_z": round(float((value[judged][differ] == value[from_z][differ]).mean()), 4),
+            "follows_s": round(float((value[judged][differ] == value[from_s][differ]).mean()), 4)}
+    return report
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ckpt", required=True)
+    parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--judge")
+    parser.add_argument("--factor", default="action")
+    parser.add_argument("--batch", type=int, default=32)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    try:
+        model = cdsvae.load_checkpoint(args.ckpt)
+        data = cdsvae.load_dataset(None, args.data_dir)
+        judge = cdsvae.load_judge(args.judge, "cpu", data.frame_shape) if args.judge else None
+    except cdsvae.UserError as error:
+        sys.exit(f"error: {error}")
+    model.train()                                 # the training step's BatchNorm and sampling
+    model.cfg.dataset_size = len(data.train.sequences)
+    x = cdsvae.to_frames(data.train.sequences[:args.batch], "cpu")
+    print(json.dumps({"gradient_norms": term_gradients(model, x)}, indent=1))
+    if judge is not None:
+        model.eval()
+        confusion = fixed_dynamic_confusion(model, judge, data, args.factor)
+        print(json.dumps({"factor": args.factor, "classes": data.classes[args.factor],
+                          "confusion": confusion.tolist(),
+                          "accuracy": round(float(np.trace(confusion) / confusion.sum()), 4)}))
+        print(json.dumps({"swap_sources": swap_sources(model, judge, data, args.factor)}))
+
+
+if __name__ == "__main__":
+    main()
