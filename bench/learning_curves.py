@@ -6,7 +6,8 @@ minutes, one line per run, drawn with Pillow into a PNG.
 Each argument is a run folder (its ``metrics.jsonl``), optionally ``=LABEL``. The score is the
 one ``train`` logged: the judge's accuracy with ``--judge``, else the probe's (see
 ``cdsvae.validation_score``); ``--key`` plots one of its parts instead (e.g.
-``fixed_dynamic/action``). Also prints the points as JSON lines.
+``fixed_dynamic/action``), for every curve or, as ``RUN_DIR=LABEL@KEY``, for one. Also prints
+the points as JSON lines.
 """
 from __future__ import annotations
 
@@ -80,7 +81,7 @@ def plot(curves: dict, out: Path, title: str, width: int = 720, height: int = 44
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+", help="RUN_DIR or RUN_DIR=LABEL")
+    parser.add_argument("runs", nargs="+", help="RUN_DIR, RUN_DIR=LABEL or RUN_DIR=LABEL@KEY")
     parser.add_argument("-o", "--output", type=Path, required=True, help="PNG to write")
     parser.add_argument("--title", default="validation score (model selection) vs wall-clock minutes")
     parser.add_argument("--key", default="score", help="which logged validation entry to plot, e.g. "
@@ -89,7 +90,8 @@ def main(argv=None):
     curves = {}
     for spec in args.runs:
         folder, _, label = spec.partition("=")
-        curves[label or Path(folder).name] = read_curve(Path(folder), args.key)
+        label, _, key = label.partition("@")                  # RUN_DIR=LABEL@KEY: a key per curve
+        curves[label or Path(folder).name] = read_curve(Path(folder), key or args.key)
     plot(curves, args.output, args.title)
     for label, points in curves.items():
         print(json.dumps({"run": label, "minutes": [m for m, _ in points], "score": [s for _, s in points]}))

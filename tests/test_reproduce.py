@@ -108,6 +108,10 @@ def test_learning_curves_plots_the_logged_validation_scores(tmp_path):
     part = subprocess.run([sys.executable, str(ROOT / "bench" / "learning_curves.py"), str(tmp_path / "a"),
                            "--key", "s/a", "-o", str(tmp_path / "part.png")], capture_output=True, text=True, timeout=60)
     assert json.loads(part.stdout.splitlines()[0])["score"] == [0.1, 0.25, 0.35]          # one logged part
+    both = subprocess.run([sys.executable, str(ROOT / "bench" / "learning_curves.py"), f"{tmp_path / 'a'}=all",
+                           f"{tmp_path / 'a'}=part@s/a", "-o", str(tmp_path / "both.png")], capture_output=True,
+                          text=True, timeout=60)
+    assert [json.loads(line)["score"] for line in both.stdout.splitlines()] == [[0.2, 0.5, 0.7], [0.1, 0.25, 0.35]]
     unknown = subprocess.run([sys.executable, str(ROOT / "bench" / "learning_curves.py"), str(tmp_path / "a"),
                               "--key", "nope", "-o", str(tmp_path / "n.png")], capture_output=True, text=True, timeout=60)
     assert unknown.returncode == 1 and "no 'nope'" in unknown.stderr and not (tmp_path / "n.png").exists()
