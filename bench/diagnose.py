@@ -14,6 +14,7 @@ For a checkpoint, a batch of training sequences and (optionally) a judge:
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 from pathlib import Path
@@ -105,10 +106,10 @@ def main():
         judge = cdsvae.load_judge(args.judge, "cpu", data.frame_shape) if args.judge else None
     except cdsvae.UserError as error:
         sys.exit(f"error: {error}")
-    model.train()                                 # the training step's BatchNorm and sampling
-    model.cfg.dataset_size = len(data.train.sequences)
+    trained = copy.deepcopy(model).train()        # the training step's BatchNorm and sampling, on a
+    trained.cfg.dataset_size = len(data.train.sequences)   # copy: its batch statistics stay out of model
     x = cdsvae.to_frames(data.train.sequences[:args.batch], "cpu")
-    print(json.dumps({"gradient_norms": term_gradients(model, x)}, indent=1))
+    print(json.dumps({"gradient_norms": term_gradients(trained, x)}))
     if judge is not None:
         model.eval()
         confusion = fixed_dynamic_confusion(model, judge, data, args.factor)
