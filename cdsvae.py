@@ -5,11 +5,14 @@ Bai, Wang & Gomes, NeurIPS 2021. One file, readable top to bottom:
     1. Config
     2. The objective's pieces: Gaussian KL, the contrastive estimate (eq. 7-8), MWS estimates
     3. Augmentations: content (frame order) and motion (appearance)
-    4. The model: eq. (1) prior and decoder, eq. (2) posterior, eq. (6) loss in `forward`
-    5. Using a trained model: encode, decode, swap, generate
+    4. The model: eq. (1) prior and decoder, eq. (2) posterior, eq. (6) loss in `forward`, in
+       named steps: encode_views, sample_posterior, elbo_terms, mi_static_data, mi_dynamic_data,
+       negative_eq6
+    5. Using a trained model: encode, decode, swap, generate, fixed-factor draws, interpolation
     6. Data, latent probe, metrics (EER, IS, entropies), the judge and the evaluation protocol,
        checkpoints, the training loop (resume, non-finite steps, DDP, bf16)
-    7. The command line (Typer): prepare, train, judge, eval, encode, swap, sample
+    7. The command line (Typer): prepare, train, judge, eval, encode, swap, sample, generate,
+       interpolate
 
 A sequence is ``x_1:T``. ``s`` is the static latent (who), ``z_1:T`` the dynamic latents (what
 happens). Video frames are float tensors ``(B, T, C, H, W)`` in [0, 1]; feature frames (e.g.
@@ -31,7 +34,11 @@ Where the paper, the released code and this file differ (so that no reader has t
     beta                grid {0.1 ... 5}          10 (run script)            10 in the presets
     I(z;s)              I(z_1:T; s), MWS          MWS, clamped by a ReLU     MWS per time step along each
                                                                              sequence's own sampled
-                                                                             rollout, no clamp
+                                                                             rollout, no clamp (the exact
+                                                                             trajectory estimate costs B x
+                                                                             the posterior and measured
+                                                                             within 0.4 nats of it:
+                                                                             bench/mws_question.py)
     posterior scale     -                         log-variance passed as     log-variance used as one
                                                   a log-sigma                (``log_gaussian``)
     reconstruction      not stated                sum of squared errors      --likelihood gaussian (sum of
@@ -176,38 +183,6 @@ def infonce_mi(anchor: torch.Tensor, positive: torch.Tensor, tau: float) -> torc
         from kernels.infonce import contrastive_mi as fused
         return fused(anchor, positive, tau)
     return contrastive_mi(anchor, positive, tau)
-
-
-class _GatherBatch(torch.autograd.Function):
-    """All-gather along the batch, with gradients: the backward sums the gradient over ranks
-    and returns this rank's slice (all-reduce works on every backend, gloo included)."""
-
-    @staticmethod
-    def forward(ctx, local):
-        import torch.distributed as dist
-
-        parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, local.contiguous())
-        ctx.rank, ctx.size = dist.get_rank(), local.shape[0]
-        return torch.cat(parts)
-
-    @staticmethod
-    def backward(ctx, grad):
-        import torch.distributed as dist
-
-        grad = grad.contiguous()
-        dist.all_reduce(grad)
-        return grad[ctx.rank * ctx.size:(ctx.rank + 1) * ctx.size]
-
-
-def gather_batch(local: torch.Tensor) -> torch.Tensor:
-    """The global batch across DDP ranks, so the contrastive negatives and the MWS sums see it as
-    a single process would. Identity without torch.distributed."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return _GatherBatch.apply(local)
-    return local
 
 
 def _pairwise_log_density(sample, mean, logvar) -> torch.Tensor:
@@ -501,6 +476,13 @@ class Encoding(NamedTuple):
     dynamic_logvar: torch.Tensor
 
 
+class Views(NamedTuple):
+    """Frame features (B, T, F) of a batch and of its augmented views (sec. 2.3)."""
+    features: torch.Tensor                  # of x
+    motion: Optional[torch.Tensor]          # of the motion view, None without one
+    content_source: torch.Tensor            # what the content view shuffles: x's, or mirrored x's
+
+
 class CDSVAE(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
@@ -562,80 +544,109 @@ class CDSVAE(nn.Module):
         return terms["loss"], {name: value.detach() for name, value in terms.items()}
 
     def objective_terms(self, x, motion_view: Optional[torch.Tensor] = None) -> dict:
-        """Every term of eq. (6) and the loss, each with its graph (``forward`` detaches them)."""
-        cfg = self.cfg
-        B, T = x.shape[:2]
+        """Every term of eq. (6) and the loss, each with its graph (``forward`` detaches them).
+        The steps, in the paper's order (their random draws come in this order too):"""
+        views = self.encode_views(x, motion_view)            # x and its augmentations, sec. 2.3
+        posterior = self.sample_posterior(views.features)     # q(s|x), q(z_t|z_<t, x_<=t), eq. (2)
+        terms = self.elbo_terms(x, posterior)                 # recon, KL_s, KL_z, eq. (3)
+        terms["mi_sx"] = self.mi_static_data(views, posterior)     # I(s;x), eq. (7-8)
+        terms["mi_zx"] = self.mi_dynamic_data(views, posterior)    # I(z;x), eq. (7-8)
+        terms["mi_zs"] = mws_mi_zs(*self._global(posterior), self.cfg.dataset_size)  # I(z;s), MWS
+        terms["loss"] = self.negative_eq6(terms)
+        return terms
+
+    def encode_views(self, x, motion_view=None) -> "Views":
+        """Frame features of x and of the views its MI terms compare it with: the motion view
+        (video: ``motion_augment``; speech brings its own) and, with ``content_flip``, x mirrored
+        left-right as the source of the content view. The frame encoder runs once over them all."""
+        cfg, B = self.cfg, x.shape[0]
         contrastive = cfg.mi == "contrastive"
-        use_content = contrastive and cfg.content_aug
         use_motion = contrastive and cfg.motion_aug and (cfg.is_video or motion_view is not None)
-        use_flip = use_content and cfg.content_flip and cfg.is_video
+        use_flip = contrastive and cfg.content_aug and cfg.content_flip and cfg.is_video
         if use_motion and motion_view is None:
             motion_view = motion_augment(x)
-
-        # The frame encoder runs once over the frames of x, of the motion view and (content_flip)
-        # of x mirrored left-right, together.
         views = [x, *([motion_view] if use_motion else []), *([x.flip(-1)] if use_flip else [])]
         encoded = self.encode_frames(torch.cat(views)).split(B)
-        features = encoded[0]
-        motion_features = encoded[1] if use_motion else None
-        content_source = encoded[-1] if use_flip else features
+        return Views(features=encoded[0], motion=encoded[1] if use_motion else None,
+                     content_source=encoded[-1] if use_flip else encoded[0])
 
-        # Posterior, eq. (2), sampled with the reparameterization trick.
+    def sample_posterior(self, features) -> Encoding:
+        """Eq. (2) with the reparameterization trick: s ~ q(s|x_1:T) and z_1:T sampled step by
+        step, each z_t fed back (``self.noise`` draws the eps)."""
         static_mean, static_logvar = self.static_posterior(features)
         static = reparameterize(static_mean, static_logvar, self.noise(static_mean.shape, features))
-        eps = self.noise((B, T, cfg.dynamic_dim), features)
+        eps = self.noise((*features.shape[:2], self.cfg.dynamic_dim), features)
         dynamic, dynamic_mean, dynamic_logvar = self.dynamic_posterior(features, eps)
-        # Prior p(z_t | z_<t), eq. (1), teacher-forced with the posterior samples.
-        prior_mean, prior_logvar = self.dynamic_prior(dynamic)
-        recon = self.decode_logits(static, dynamic)
-        # The objective is computed in fp32, also when the networks run under bf16 autocast.
-        x, recon, static, static_mean, static_logvar, dynamic, dynamic_mean, dynamic_logvar, \
-            prior_mean, prior_logvar = (v.float() for v in (
-                x, recon, static, static_mean, static_logvar, dynamic, dynamic_mean, dynamic_logvar,
-                prior_mean, prior_logvar))
+        return Encoding(static, dynamic, static_mean, static_logvar, dynamic_mean, dynamic_logvar)
 
-        terms = {
-            "recon": self.reconstruction_nll(recon, x),
-            "kl_s": gaussian_kl(static_mean, static_logvar,
-                                torch.zeros_like(static_mean), torch.zeros_like(static_logvar)).sum() / B,
-            "kl_z": gaussian_kl(dynamic_mean, dynamic_logvar, prior_mean, prior_logvar).sum() / B,
+    def elbo_terms(self, x, posterior: Encoding) -> dict:
+        """-log p(x|s, z) and the closed-form KL_s = KL(q(s|x) || N(0, I)) and KL_z =
+        sum_t KL(q(z_t|.) || p(z_t|z_<t)), the prior teacher-forced with the posterior samples;
+        per sequence, averaged over the batch. Computed in fp32 also under bf16 autocast."""
+        prior_mean, prior_logvar = (v.float() for v in self.dynamic_prior(posterior.dynamic))
+        logits = self.decode_logits(posterior.static, posterior.dynamic).float()
+        q = Encoding(*(v.float() for v in posterior))
+        B = x.shape[0]
+        return {
+            "recon": self.reconstruction_nll(logits, x.float()),
+            "kl_s": gaussian_kl(q.static_mean, q.static_logvar,
+                                torch.zeros_like(q.static_mean), torch.zeros_like(q.static_logvar)).sum() / B,
+            "kl_z": gaussian_kl(q.dynamic_mean, q.dynamic_logvar, prior_mean, prior_logvar).sum() / B,
         }
-        # The MI estimates see the global batch: under DDP, every rank's posteriors (with
-        # gradients); in a single process, the batch itself.
-        q_s = [gather_batch(v) for v in (static, static_mean, static_logvar)]
-        q_z = [gather_batch(v) for v in (dynamic, dynamic_mean, dynamic_logvar)]
-        # I(s;x): contrastive against the content view, eq. (7-8). Frames are encoded one by one,
-        # so permuting x's frame features *is* the encoding of x_content; only the sequence model
-        # runs again.
-        if use_content:
-            order = content_order(B, T, device=x.device)
-            content_features = torch.gather(content_source, 1, order.unsqueeze(-1).expand_as(features))
-            static_content_mean = self.static_posterior(content_features)[0].float()
-            terms["mi_sx"] = infonce_mi(q_s[1], gather_batch(static_content_mean), cfg.tau)
-        else:
-            terms["mi_sx"] = mws_mi_x(*q_s, cfg.dataset_size)
-        # I(z;x): contrastive between the posterior-mean trajectories of x and its motion view.
-        if use_motion:
-            if cfg.mi_rollout == "mean":   # "the trajectory obtained by using the mean at each step"
-                both = self.dynamic_posterior(torch.cat([features, motion_features]),
-                                              features.new_zeros(2 * B, T, cfg.dynamic_dim))[1].float()
-                anchor_mean, motion_mean = gather_batch(both[:B]), gather_batch(both[B:])
-            else:                          # means along independently sampled rollouts
-                motion_eps = self.noise((B, T, cfg.dynamic_dim), features)
-                motion_mean = gather_batch(self.dynamic_posterior(motion_features, motion_eps)[1].float())
-                anchor_mean = q_z[1]
-            terms["mi_zx"] = infonce_mi(anchor_mean.flatten(1), motion_mean.flatten(1), cfg.tau)
-        else:
-            terms["mi_zx"] = mws_mi_x(*q_z, cfg.dataset_size)
-        # I(z;s) by minibatch-weighted sampling.
-        terms["mi_zs"] = mws_mi_zs(*q_s, *q_z, cfg.dataset_size)
 
-        # Eq. (6), negated: recon - alpha (KL_s + KL_z) + beta (I(s;x) + I(z;x)) - gamma I(z;s).
+    def mi_static_data(self, views: "Views", posterior: Encoding) -> torch.Tensor:
+        """I(s;x): InfoNCE between q(s|x)'s mean and that of the content view (frames shuffled),
+        eq. (7-8); without the content augmentation (or contrastive MI), the MWS estimate.
+        Frames are encoded one by one, so permuting x's frame features *is* the encoding of the
+        shuffled video: only the sequence model runs again."""
+        cfg = self.cfg
+        static, static_mean, static_logvar = self._global(posterior)[:3]
+        if not (cfg.mi == "contrastive" and cfg.content_aug):
+            return mws_mi_x(static, static_mean, static_logvar, cfg.dataset_size)
+        B, T = views.features.shape[:2]
+        order = content_order(B, T, device=views.features.device)
+        content = torch.gather(views.content_source, 1, order.unsqueeze(-1).expand_as(views.features))
+        content_mean = self.static_posterior(content)[0].float()
+        return infonce_mi(static_mean, gather_batch(content_mean), cfg.tau)
+
+    def mi_dynamic_data(self, views: "Views", posterior: Encoding) -> torch.Tensor:
+        """I(z;x): InfoNCE between the posterior-mean trajectories of x and of its motion view,
+        eq. (7-8), both along mean rollouts (eps = 0, "the trajectory obtained by using the mean
+        at each time step") or along sampled ones (``cfg.mi_rollout``); without a motion view, the
+        MWS estimate."""
+        cfg = self.cfg
+        dynamic, dynamic_mean, dynamic_logvar = self._global(posterior)[3:]
+        if views.motion is None:
+            return mws_mi_x(dynamic, dynamic_mean, dynamic_logvar, cfg.dataset_size)
+        B, T = views.features.shape[:2]
+        if cfg.mi_rollout == "mean":
+            both = self.dynamic_posterior(torch.cat([views.features, views.motion]),
+                                          views.features.new_zeros(2 * B, T, cfg.dynamic_dim))[1].float()
+            anchor, motion = gather_batch(both[:B]), gather_batch(both[B:])
+        else:
+            motion_eps = self.noise((B, T, cfg.dynamic_dim), views.features)
+            motion = gather_batch(self.dynamic_posterior(views.motion, motion_eps)[1].float())
+            anchor = dynamic_mean
+        return infonce_mi(anchor.flatten(1), motion.flatten(1), cfg.tau)
+
+    def negative_eq6(self, terms: dict) -> torch.Tensor:
+        """Eq. (6), negated: -recon + alpha (KL_s + KL_z) - beta (I(s;x) + I(z;x)) + gamma I(z;s)
+        (``recon`` is already the negative log-likelihood). mi "off" is DSVAE: the MI estimates
+        are only logged."""
+        cfg = self.cfg
         loss = terms["recon"] + cfg.alpha * (terms["kl_s"] + terms["kl_z"])
-        if cfg.mi != "off":                    # "off" = DSVAE: MI estimates are only logged
+        if cfg.mi != "off":
             loss = loss - cfg.beta * (terms["mi_sx"] + terms["mi_zx"]) + cfg.gamma * terms["mi_zs"]
-        terms["loss"] = loss
-        return terms
+        return loss
+
+    @staticmethod
+    def _global(posterior: Encoding) -> list:
+        """The posterior in fp32 over the global batch the MI estimates see: under DDP every
+        rank's (with gradients, ``gather_batch``); in one process the batch itself. Ordered as
+        ``mws_mi_zs`` takes them: s, its mean, its log-variance, then the same for z."""
+        fields = (posterior.static, posterior.static_mean, posterior.static_logvar,
+                  posterior.dynamic, posterior.dynamic_mean, posterior.dynamic_logvar)
+        return [gather_batch(v.float()) for v in fields]
 
     @staticmethod
     def noise(shape, like: torch.Tensor) -> torch.Tensor:
@@ -688,6 +699,37 @@ def generate(model: CDSVAE, static=None, dynamic=None, batch: int = 1, frames: O
     return model.decode(static, dynamic)
 
 
+@torch.no_grad()
+def keep_and_draw(model: CDSVAE, x, keep: str, count: int, generator=None):
+    """The paper's Figs. 3-5 for each sequence of ``x``: keep its ``keep`` factor ("static" or
+    "dynamic", the posterior mean) and draw the other from its prior ``count`` times.
+    Returns (B, count, T, ...)."""
+    encoding = model.encode(x)
+    B, T = x.shape[:2]
+    if keep == "static":
+        generated = generate(model, static=encoding.static_mean.repeat_interleave(count, 0), frames=T,
+                             generator=generator)
+    else:
+        generated = generate(model, dynamic=encoding.dynamic_mean.repeat_interleave(count, 0), generator=generator)
+    return generated.view(B, count, *generated.shape[1:])
+
+
+@torch.no_grad()
+def interpolate(model: CDSVAE, a, b, latent: str, steps: int):
+    """Decode along the straight line from a's to b's ``latent`` ("s", or "z" for z_1:T), the
+    other latent held at a's (App. G). ``a``, ``b``: one sequence each, (1, T, ...).
+    Returns (steps, T, ...)."""
+    enc_a, enc_b = model.encode(a), model.encode(b)
+    weights = torch.linspace(0, 1, steps, device=a.device)
+    if latent == "s":
+        static = torch.lerp(enc_a.static_mean, enc_b.static_mean, weights[:, None])
+        dynamic = enc_a.dynamic_mean.expand(steps, -1, -1)
+    else:
+        static = enc_a.static_mean.expand(steps, -1)
+        dynamic = torch.lerp(enc_a.dynamic_mean, enc_b.dynamic_mean, weights[:, None, None])
+    return model.decode(static, dynamic)
+
+
 # ----------------------------------------------------------------------------------------------
 # 6. Data, the latent probe, metrics, the judge and evaluation, checkpoints, training
 
@@ -724,6 +766,9 @@ class Dataset:
 # Dataset presets: the hyper-parameters each dataset trains with (all overridable by a flag).
 PAPER_VIDEO = dict(static_dim=256, dynamic_dim=32, feature_dim=128, hidden_dim=256, conv_width=64,
                    alpha=1.0, beta=10.0, gamma=1.0, lr=1e-3, batch_size=128)
+# Smaller video networks for a CPU (the --scale cpu studies' widths).
+CPU_VIDEO = dict(static_dim=64, dynamic_dim=16, feature_dim=128, hidden_dim=128, conv_width=16,
+                 lr=2e-3, batch_size=64)
 PRESETS = {
     # The built-in procedural dataset, sized to train in minutes on a laptop CPU.
     "shapes": dict(static_dim=16, dynamic_dim=8, feature_dim=64, hidden_dim=64, conv_width=16,
@@ -743,24 +788,27 @@ PRESETS = {
                   alpha=1.0, beta=10.0, gamma=1.0, lr=1e-3, batch_size=128, epochs=100),
     "fsdd": dict(static_dim=64, dynamic_dim=16, feature_dim=128, hidden_dim=128, mlp_width=256,
                  alpha=1.0, beta=10.0, gamma=1.0, lr=1e-3, batch_size=128, epochs=50),
+    # Your own data ('cdsvae prepare frames' / 'speech'): the CPU-sized video networks and the
+    # FSDD sizes, our choice; --scale cpu and paper apply as for MUG and Sprites.
+    "frames": dict(CPU_VIDEO, alpha=1.0, beta=10.0, gamma=1.0, epochs=100),
 }
+PRESETS["speech"] = dict(PRESETS["fsdd"])
 # --scale: overrides of a preset. "paper": the paper's widths (the video presets have them, but
 # sm-mnist's preset is sized for a CPU; use it with --frame-size 64). "cpu": what our equal-budget
 # studies on 2 CPU cores chose (bench/RESULTS.md, "Learning on a CPU budget").
-CPU_VIDEO = dict(static_dim=64, dynamic_dim=16, feature_dim=128, hidden_dim=128, conv_width=16,
-                 lr=2e-3, batch_size=64)
+CPU_VIDEO_WITHOUT_FLIP = dict(CPU_VIDEO, likelihood="bernoulli", batch_size=32, mi_rollout="mean", alpha=0.6)
 SCALES = {
-    "paper": {"sm-mnist": dict(PAPER_VIDEO, epochs=1000)},
+    "paper": {"sm-mnist": dict(PAPER_VIDEO, epochs=1000), "frames": dict(PAPER_VIDEO, epochs=100)},
     # Bernoulli likelihood and batch 32 won the equal-wall-clock studies on 2 cores (batch 32
     # halves the conv-bound step: twice the updates per minute), and on Sprites so did mean
     # rollouts for I(z;x), alpha 0.6 (the low end of the paper's grid: less KL pressure on z_t,
     # so the decoder takes the motion from z) and, ours rather than the paper's, the mirrored
     # content view (Sprites' direction is constant within a sequence and otherwise goes to s);
-    # the epochs only cap a --time-budget run. MUG follows Sprites, without the mirror, untested
-    # (it is licensed and absent here).
-    "cpu": {"sprites": dict(CPU_VIDEO, likelihood="bernoulli", batch_size=32, mi_rollout="mean", alpha=0.6,
-                            content_flip=True),
-            "mug": dict(CPU_VIDEO, likelihood="bernoulli", batch_size=32, mi_rollout="mean", alpha=0.6),
+    # the epochs only cap a --time-budget run. MUG and your own videos follow Sprites without the
+    # mirror (untested on MUG: it is licensed and absent here).
+    "cpu": {"sprites": dict(CPU_VIDEO_WITHOUT_FLIP, content_flip=True),
+            "mug": CPU_VIDEO_WITHOUT_FLIP,
+            "frames": CPU_VIDEO_WITHOUT_FLIP,
             "sm-mnist": dict(likelihood="bernoulli", batch_size=32, epochs=200)},
 }
 
@@ -780,6 +828,8 @@ PREPARED_LAYOUTS = {
     "sm-mnist": "a folder of MNIST IDX files (t10k-*, optionally train-*)",
     "timit": "<root>/{TRAIN,TEST}/DR<n>/<speaker>/*.WAV",
     "fsdd": "<root>/{label}_{speaker}_{index}.wav",
+    "frames": "<source>/<name>/ with frame images (PNG/JPEG), or <source>/<name>.gif|.png|.apng|.tif|.tiff animated files",
+    "speech": "<root>/<speaker>/**/*.wav, or <root>/{label}_{speaker}_{index}.wav",
 }
 
 
@@ -849,7 +899,7 @@ def to_frames(sequences: np.ndarray, device) -> torch.Tensor:
 
 @torch.no_grad()
 def encode_split(model: CDSVAE, sequences: np.ndarray, device, sample: bool, seed: int = 0,
-                 batch_size: int = 256):
+                 batch_size: int = 256, progress: Optional[Callable[[int], None]] = None):
     """Latents of a whole split, as numpy arrays s (N, Ds) and z (N, T, Dz): posterior samples
     (``sample=True``, seeded) or posterior means."""
     model.eval()
@@ -860,6 +910,8 @@ def encode_split(model: CDSVAE, sequences: np.ndarray, device, sample: bool, see
         encoding = model.encode(x, sample=sample, generator=generator)
         statics.append(encoding.static.cpu())
         dynamics.append(encoding.dynamic.cpu())
+        if progress is not None:
+            progress(len(x))
     return torch.cat(statics).numpy(), torch.cat(dynamics).numpy()
 
 
@@ -1194,8 +1246,8 @@ def atomic_write_text(path: Path, text: str) -> None:
 class MetricsLog:
     """metrics.jsonl, one JSON record per line, appended; a failed write raises WriteFailed."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, mirror: Optional[Callable[[dict], None]] = None):
+        self.path, self.mirror = path, mirror
         self.handle = self._guarded(lambda: path.open("a"))
 
     def _guarded(self, action):
@@ -1206,6 +1258,8 @@ class MetricsLog:
 
     def write(self, record: dict) -> None:
         self._guarded(lambda: self.handle.write(json.dumps(record) + "\n"))
+        if self.mirror is not None:                 # e.g. TensorBoard
+            self.mirror(record)
 
     def flush(self) -> None:
         self._guarded(self.handle.flush)
@@ -1219,6 +1273,50 @@ class MetricsLog:
         except OSError as error:
             if exc[0] is None:
                 raise WriteFailed(self.path, error, intact=False) from None
+
+
+TENSORBOARD_MISSING = ("--tensorboard needs the tensorboard package, an optional extra: "
+                       "pip install -e \".[tensorboard]\" (or pip install tensorboard)")
+
+
+def tensorboard_writer(log_dir: Path):
+    """A torch.utils.tensorboard SummaryWriter, or a UserError naming the extra to install."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError(TENSORBOARD_MISSING) from None
+    return SummaryWriter(log_dir=str(log_dir))
+
+
+class TensorBoardLog:
+    """--tensorboard: the scalars of every metrics.jsonl record (nested keys joined by '/') and,
+    every epoch, a swap grid and prior samples of a few test sequences as images. metrics.jsonl
+    stays the record; this is a view of it."""
+
+    def __init__(self, writer, data: Dataset):
+        self.writer, self.data = writer, data
+
+    def scalars(self, record: dict, prefix: str = "") -> None:
+        for key, value in record.items():
+            if isinstance(value, dict):
+                self.scalars(value, f"{prefix}{key}/")
+            elif isinstance(value, (int, float)) and key not in ("step", "epoch"):
+                self.writer.add_scalar(prefix + key, value, record.get("step", 0))
+
+    def images(self, model: CDSVAE, step: int, count: int = 4) -> None:
+        device = next(model.parameters()).device
+        model.eval()
+        sequences = self.data.test.sequences
+        a = to_frames(sequences[:count], device)
+        b = to_frames(sequences[count:2 * count] if len(sequences) >= 2 * count else sequences[:count][::-1], device)
+        a_static_b_dynamic, _ = swap(model, a, b)
+        rows = [row for i in range(len(a)) for row in (a[i], b[i], a_static_b_dynamic[i])]
+        generator = torch.Generator(device=device).manual_seed(0)
+        samples = generate(model, batch=count, frames=a.shape[1], generator=generator)
+        for tag, grid_rows in (("swap (A, B, A's static with B's dynamic)", rows), ("prior samples", list(samples))):
+            self.writer.add_image(tag, grid_image(grid_rows, model.cfg), step, dataformats="HWC")
+        self.writer.flush()
+        model.train()
 
 
 def save_checkpoint(model: CDSVAE, path: Path, **extra) -> None:
@@ -1330,6 +1428,38 @@ class TrainingStopped(Exception):
     """Training cannot go on (e.g. too many non-finite steps in a row); one-line message."""
 
 
+class _GatherBatch(torch.autograd.Function):
+    """All-gather along the batch, with gradients: the backward sums the gradient over ranks
+    and returns this rank's slice (all-reduce works on every backend, gloo included)."""
+
+    @staticmethod
+    def forward(ctx, local):
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, local.contiguous())
+        ctx.rank, ctx.size = dist.get_rank(), local.shape[0]
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        import torch.distributed as dist
+
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.size:(ctx.rank + 1) * ctx.size]
+
+
+def gather_batch(local: torch.Tensor) -> torch.Tensor:
+    """The global batch across DDP ranks, so the contrastive negatives and the MWS sums see it as
+    a single process would. Identity without torch.distributed."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return _GatherBatch.apply(local)
+    return local
+
+
 def _distributed(device: torch.device):
     """(rank, world size, device) under torchrun (WORLD_SIZE > 1): gloo on CPU, NCCL on CUDA."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
@@ -1412,7 +1542,7 @@ def _resume_state(out_dir: Path, device) -> dict:
 def train(cfg: Config, data: Dataset, out_dir: Path, device="cpu", log_every: int = 10,
           show_progress: bool = True, resume: bool = False, keep: int = 1, max_nonfinite: int = 10,
           sync_bn: bool = False, precision: str = "auto", time_budget: Optional[float] = None,
-          eval_every: int = 0, judge: Optional["Judge"] = None) -> dict:
+          eval_every: int = 0, judge: Optional["Judge"] = None, tensorboard: bool = False) -> dict:
     """Train on ``data.train``; write config.json, metrics.jsonl, last.pt and summary.json (with
     the latent probe) to ``out_dir``. Returns the summary.
 
@@ -1447,6 +1577,8 @@ def train(cfg: Config, data: Dataset, out_dir: Path, device="cpu", log_every: in
       steps ``validation_score`` (the judge's accuracy when ``judge`` is given, else a probe) is
       logged to metrics.jsonl with the minutes trained, and the best-scoring model is kept as
       best.pt beside last.pt.
+    - ``tensorboard``: also write ``out_dir/tensorboard/`` (``TensorBoardLog``; needs the
+      tensorboard package).
     """
     device = torch.device(device)
     state = _resume_state(out_dir, device) if resume else None   # validated before any write
@@ -1513,7 +1645,9 @@ def train(cfg: Config, data: Dataset, out_dir: Path, device="cpu", log_every: in
         atomic_write_text(metrics_path, "".join(line + "\n" for line in kept))
     started, record, nonfinite_streak, stopped = time.time(), {}, 0, None
     progress = _progress(show_progress and main_process)
-    metrics_file = MetricsLog(metrics_path) if main_process else contextlib.nullcontext()
+    board = TensorBoardLog(tensorboard_writer(out_dir / "tensorboard"), data) if tensorboard and main_process else None
+    metrics_file = MetricsLog(metrics_path, board.scalars if board else None) if main_process \
+        else contextlib.nullcontext()
     signals = _stop_signals(threading.current_thread() is threading.main_thread())
     with progress, metrics_file, signals as received:
         task = progress.add_task("train", total=cfg.epochs * steps_per_epoch,
@@ -1594,6 +1728,9 @@ def train(cfg: Config, data: Dataset, out_dir: Path, device="cpu", log_every: in
                     stopped = "time budget"
                     break
             noise = _rng_states(world, device)             # every rank's (a collective under DDP)
+            if board is not None:
+                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                    board.images(model, step)
             if main_process:
                 metrics_file.flush()
                 if done < steps_per_epoch:                  # stopped in mid-epoch: resume right here
@@ -1626,6 +1763,8 @@ def train(cfg: Config, data: Dataset, out_dir: Path, device="cpu", log_every: in
     if "speaker" in data.kinds and not cfg.is_video:
         summary["speaker_verification"] = speaker_verification(model, data, device)
     atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    if board is not None:
+        board.writer.close()
     release_run_lock(out_dir)
     return summary
 
@@ -1912,11 +2051,9 @@ def save_npy(path: Path, array: np.ndarray) -> None:
     os.replace(temporary, path)
 
 
-def save_grid_png(rows: list, path: Path, cfg: Config) -> None:
-    """A PNG with one row per sequence, frames left to right (feature frames as heat-map
+def grid_image(rows: list, cfg: Config) -> np.ndarray:
+    """(H, W, C) uint8: one row per sequence, frames left to right (feature frames as heat-map
     columns). ``rows`` are (T, ...) tensors in model layout."""
-    from PIL import Image
-
     if cfg.is_video:
         images = [row.permute(0, 2, 3, 1).clamp(0, 1).cpu().numpy() for row in rows]   # (T,H,W,C)
         strips = [np.concatenate(list(img), axis=1) for img in images]
@@ -1928,9 +2065,17 @@ def save_grid_png(rows: list, path: Path, cfg: Config) -> None:
             strips.append(np.repeat(np.repeat(values, 2, 0), 8, 1)[..., None])
     width = max(strip.shape[1] for strip in strips)
     strips = [np.pad(s, ((0, 2), (0, width - s.shape[1]), (0, 0))) for s in strips]
-    grid = (np.concatenate(strips, axis=0) * 255).round().astype(np.uint8)
+    return (np.concatenate(strips, axis=0) * 255).round().astype(np.uint8)
+
+
+def save_grid_png(rows: list, path: Path, cfg: Config) -> None:
+    """``grid_image`` as a PNG, enlarged (nearest neighbour) to at least 256 pixels high."""
+    from PIL import Image
+
+    grid = grid_image(rows, cfg)
     image = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
-    scale = max(1, 256 // max(1, strips[0].shape[0]))
+    row_height = grid.shape[0] // len(rows)
+    scale = max(1, 256 // max(1, row_height))
     if grid.shape[0] < 256:
         image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -1989,11 +2134,17 @@ def train_command(
     time_budget: Optional[float] = typer.Option(None, help="Stop after this many minutes of training (the epochs stay the upper bound)."),
     eval_every: int = typer.Option(0, help="Model selection: every N steps score a validation split held out of the training split, log it, keep best.pt."),
     judge: Optional[Path] = typer.Option(None, help="With --eval-every: score by this judge's accuracy on fixed-factor generations (else by a probe)."),
+    tensorboard: bool = typer.Option(False, help="Also log to OUT/tensorboard: the scalars of metrics.jsonl, and every epoch a swap grid and prior samples (needs the optional extra: pip install -e \".[tensorboard]\")."),
 ):
     """Train C-DSVAE; writes config.json, metrics.jsonl, last.pt and summary.json to --out."""
     with user_errors():
         if mi not in ("contrastive", "mws", "off"):
             raise UserError(f"unknown --mi '{mi}'; expected contrastive, mws or off")
+        if tensorboard:
+            try:                                # before anything is written
+                import torch.utils.tensorboard  # noqa: F401
+            except ImportError:
+                raise UserError(TENSORBOARD_MISSING) from None
         resolved = _check_device(device)
         dataset = load_dataset(data, str(data_dir) if data_dir else None, frame_size, seed)
         overrides = {k: v for k, v in dict(
@@ -2018,7 +2169,7 @@ def train_command(
         summary = train(cfg, dataset, out, resolved, log_every, resume=resume, keep=keep,
                         max_nonfinite=max_nonfinite, sync_bn=sync_bn, precision=precision,
                         time_budget=None if time_budget is None else 60.0 * time_budget,
-                        eval_every=eval_every, judge=classifier)
+                        eval_every=eval_every, judge=classifier, tensorboard=tensorboard)
         if summary.get("processes", 1) > 1 and int(os.environ.get("RANK", "0")) != 0:
             return
     budget = " (stopped by the time budget)" if summary.get("stopped") else ""
@@ -2038,14 +2189,20 @@ def train_command(
 
 @app.command("prepare")
 def prepare_command(
-    dataset: str = typer.Argument(..., help="sprites, mug, sm-mnist, timit or fsdd (any folder of {label}_{speaker}_{index}.wav)."),
+    dataset: str = typer.Argument(..., help="sprites, mug, sm-mnist, timit, fsdd (any folder of {label}_{speaker}_{index}.wav), or your own data: frames (videos) or speech (recordings)."),
     source: Optional[Path] = typer.Option(None, help="The dataset's files in their own layout (sm-mnist without it: download MNIST)."),
     out: Path = typer.Option(..., help="Output folder (see README: one format for every dataset)."),
     seed: int = typer.Option(0, help="Seed of the split and of the random augmentations."),
-    frame_size: Optional[int] = typer.Option(None, help="Frame height/width (sprites 64/32/16, mug, sm-mnist)."),
-    crop: Optional[str] = typer.Option(None, help="mug: face box as left,top,right,bottom fractions of the frame."),
-    n_mels: int = typer.Option(64, help="timit, fsdd: log mel bins per frame."),
-    skip_bad: bool = typer.Option(False, help="mug, timit, fsdd: skip unreadable files (a MUG take with one), count them in meta.json, instead of stopping."),
+    frame_size: Optional[int] = typer.Option(None, "--frame-size", "--size", help="Frame height/width (sprites 64/32/16, mug, sm-mnist; frames: resize to it, a power of two)."),
+    crop: Optional[str] = typer.Option(None, help="mug: face box as left,top,right,bottom fractions of the frame; frames: center (square crop before resizing, the default) or none."),
+    n_mels: int = typer.Option(64, help="timit, fsdd, speech: log mel bins per frame."),
+    skip_bad: bool = typer.Option(False, help="mug, timit, fsdd, frames, speech: skip unreadable files (a MUG take with one), count them in meta.json, instead of stopping."),
+    frames: Optional[int] = typer.Option(None, help="frames: keep T evenly spaced frames per sequence (shorter sequences are skipped and counted)."),
+    labels: Optional[Path] = typer.Option(None, help="frames: a CSV 'name,<factor>,...' with one row per sequence."),
+    static: Optional[str] = typer.Option(None, help="frames: the --labels columns that are static factors, comma-separated."),
+    dynamic: Optional[str] = typer.Option(None, help="frames: the --labels columns that are dynamic factors, comma-separated."),
+    test_fraction: float = typer.Option(0.2, help="frames, speech: share of sequences (speech: of speakers) in the test split, drawn with --seed."),
+    split_by: Optional[str] = typer.Option(None, help="frames: keep this factor's classes disjoint between the splits (as MUG's subjects)."),
 ):
     """Prepare a dataset from its own files into the common format that 'train' reads."""
     from data_prep import common
@@ -2057,15 +2214,46 @@ def prepare_command(
             raise UserError(f"--source is required for {dataset}; expected {PREPARED_LAYOUTS[dataset]}")
         if source is not None and not source.is_dir():
             raise UserError(f"{source}: no such folder; expected {PREPARED_LAYOUTS[dataset]}")
+        own = dict(frames=frames, labels=labels, static=static, dynamic=dynamic, split_by=split_by)
+        misplaced = [name for name, value in own.items() if value is not None and dataset != "frames"]
+        if misplaced or (test_fraction != 0.2 and dataset not in ("frames", "speech")):
+            flag = (misplaced or ["test_fraction"])[0].replace("_", "-")
+            raise UserError(f"--{flag} is an option of 'prepare frames'{' and speech' if flag == 'test-fraction' else ''}; "
+                            f"expected it only there")
         try:
-            written = _prepare(dataset, source, out, seed, frame_size, crop, n_mels, skip_bad)
+            if dataset in ("frames", "speech"):
+                written = _prepare_own(dataset, source, out, seed, frame_size, crop, n_mels, skip_bad,
+                                       test_fraction, **own)
+            else:
+                written = _prepare(dataset, source, out, seed, frame_size, crop, n_mels, skip_bad)
         except common.PrepareError as error:
             raise UserError(str(error)) from None
     meta = json.loads((written / "meta.json").read_text())
     counts = ", ".join(f"{split} {v['count']}" for split, v in meta["splits"].items())
     skipped = len(meta.get("skipped_bad_files", []))
+    short = len(meta.get("skipped_short", []))
     typer.echo(f"wrote {written}/ ({meta['dataset']}: {counts} sequences"
-               + (f"; skipped {skipped} unreadable files, listed in meta.json)" if skipped else ")"))
+               + (f"; skipped {skipped} unreadable files, listed in meta.json" if skipped else "")
+               + (f"; skipped {short} sequences shorter than --frames, listed in meta.json" if short else "")
+               + ")")
+
+
+def _prepare_own(dataset, source, out, seed, frame_size, crop, n_mels, skip_bad, test_fraction,
+                 frames, labels, static, dynamic, split_by) -> Path:
+    """prepare frames / prepare speech: your own videos or recordings (data_prep/frames.py, timit.py)."""
+    from data_prep import frames as own_frames
+    from data_prep import timit
+
+    with _progress(True) as progress:
+        if dataset == "speech":
+            task = progress.add_task("audio", total=timit.count_files(source, "speech"), terms="utterances")
+            return timit.prepare_speech(source, out, seed, n_mels, lambda n: progress.advance(task, n),
+                                        skip_bad, test_fraction)
+        task = progress.add_task("frames", total=own_frames.count_sequences(source), terms="sequences")
+        names = lambda text: [name.strip() for name in text.split(",") if name.strip()] if text else []  # noqa: E731
+        return own_frames.prepare(source, out, seed, frames, frame_size, crop or "center", labels,
+                                  names(static), names(dynamic), test_fraction, split_by,
+                                  lambda n: progress.advance(task, n), skip_bad)
 
 
 def _prepare(dataset, source, out, seed, frame_size, crop, n_mels, skip_bad=False) -> Path:
@@ -2166,23 +2354,152 @@ def eval_command(
 
 @app.command("encode")
 def encode_command(
-    sequences: Path = typer.Argument(..., help="A .npy of one sequence or a batch."),
+    sequences: Optional[Path] = typer.Argument(None, help="A .npy of one sequence or a batch (or use --data-dir)."),
     ckpt: Optional[Path] = typer.Option(None, help=CKPT_HELP),
+    data_dir: Optional[Path] = typer.Option(None, help="Encode a whole split of this prepared folder instead, with its labels."),
+    split: str = typer.Option("test", help="With --data-dir: train or test."),
+    samples: int = typer.Option(0, help="With --data-dir: also K posterior draws (s_samples.npy (K, N, Ds), z_samples.npy (K, N, T, Dz))."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output folder for s.npy and z.npy (default: a new runs/encode-N)."),
+    seed: int = typer.Option(0, help="Seed of the posterior draws (--samples)."),
     device: str = typer.Option(default_device()),
 ):
-    """Write the posterior means s (N, Ds) and z (N, T, Dz) of a sequence or batch."""
+    """Write the posterior means s (N, Ds) and z (N, T, Dz) of a sequence or batch, or of a whole
+    split of a prepared folder (--data-dir) together with its labels, for downstream use."""
     with user_errors():
+        if (sequences is None) == (data_dir is None):
+            raise UserError("expected either a .npy of sequences or --data-dir DIR (one of them)")
+        expect_choice("--split", split, ("train", "test"))
+        if samples < 0 or (samples and data_dir is None):
+            raise UserError(f"--samples {samples}: expected a count of 0 or more, with --data-dir")
         resolved = _check_device(device)
         model = load_model(ckpt, resolved)
-        frames, layout = load_sequences(sequences, model.cfg)
+        if sequences is not None:
+            frames, layout = load_sequences(sequences, model.cfg)
+            with torch.no_grad():
+                encoding = model.encode(frames.to(resolved))
+            unbatch = (lambda a: a) if layout["batched"] else (lambda a: a[0])
+            arrays = {"s": unbatch(encoding.static_mean.cpu().numpy()),
+                      "z": unbatch(encoding.dynamic_mean.cpu().numpy())}
+        else:
+            dataset = load_dataset(None, str(data_dir))
+            if tuple(dataset.frame_shape) != tuple(model.cfg.frame_shape):
+                raise UserError(f"{data_dir}: frames {dataset.frame_shape}, the model's {model.cfg.frame_shape}; "
+                                "expected the same")
+            arrays = encode_prepared_split(model, dataset, split, samples, seed, resolved)
         output = output if output is not None else new_output_folder("encode")
-        with torch.no_grad():
-            encoding = model.encode(frames.to(resolved))
-        unbatch = (lambda a: a) if layout["batched"] else (lambda a: a[0])
-        save_npy(output / "s.npy", unbatch(encoding.static_mean.cpu().numpy()))
-        save_npy(output / "z.npy", unbatch(encoding.dynamic_mean.cpu().numpy()))
-    typer.echo(f"used {model.description}\nwrote {output / 's.npy'} and {output / 'z.npy'}")
+        for name, array in arrays.items():
+            if isinstance(array, np.ndarray):
+                save_npy(output / f"{name}.npy", array)
+        if "labels" in arrays:
+            atomic_write_text(output / "labels.json", json.dumps(arrays["labels"], indent=2) + "\n")
+    written = ", ".join(f"{name}.npy" for name, array in arrays.items() if isinstance(array, np.ndarray))
+    typer.echo(f"used {model.description}\nwrote {output}/: {written}" + (", labels.json" if "labels" in arrays else ""))
+
+
+def encode_prepared_split(model: CDSVAE, dataset: Dataset, split: str, samples: int, seed: int, device) -> dict:
+    """The posterior means of a whole split, ``samples`` posterior draws, and the split's labels
+    (label_<factor>.npy, and labels.json with the class names, kinds and sequence order)."""
+    sequences = getattr(dataset, split).sequences
+    rounds = 1 + samples
+    with _progress(True) as progress:
+        task = progress.add_task("encode", total=rounds * len(sequences), terms="sequences")
+        done = lambda n: progress.advance(task, n)   # noqa: E731
+        static, dynamic = encode_split(model, sequences, device, sample=False, progress=done)
+        arrays = {"s": static, "z": dynamic}
+        if samples:
+            draws = [encode_split(model, sequences, device, sample=True, seed=seed + k, progress=done)
+                     for k in range(samples)]
+            arrays["s_samples"] = np.stack([d[0] for d in draws])
+            arrays["z_samples"] = np.stack([d[1] for d in draws])
+    for factor, values in getattr(dataset, split).labels.items():
+        arrays[f"label_{factor}"] = np.asarray(values)
+    arrays["labels"] = {"split": split, "count": len(sequences), "classes": dataset.classes,
+                        "kind": dataset.kinds, "latents": "s, z: posterior means (dynamic rollout fed its means)"
+                        + (f"; s_samples, z_samples: {samples} posterior draws (seed {seed}..)" if samples else "")}
+    return arrays
+
+
+def _video_layout(cfg: Config, batched: bool = True) -> dict:
+    """How generated sequences are written: (N, T, H, W, C) uint8 video, or float features."""
+    return {"batched": batched, "channels_last": cfg.is_video,
+            "dtype": np.dtype(np.uint8) if cfg.is_video else np.dtype(np.float32)}
+
+
+def expect_choice(flag: str, value: str, choices: tuple) -> None:
+    if value not in choices:
+        raise UserError(f"{flag} {value}: expected {', '.join(choices[:-1])} or {choices[-1]}")
+
+
+def expect_at_least(flag: str, value: int, least: int) -> None:
+    if value < least:
+        raise UserError(f"{flag} must be at least {least}, got {value}")
+
+
+def _npy_output(output: Optional[Path], kind: str, default_name: str) -> Path:
+    if output is not None and output.suffix != ".npy":
+        raise UserError(f"{output}: expected an output path ending in .npy")
+    return output if output is not None else new_output_folder(kind) / default_name
+
+
+@app.command("generate")
+def generate_command(
+    keep: str = typer.Option(..., help="static: keep each input's character and draw the motion; dynamic: keep the motion and draw the character."),
+    source: Path = typer.Option(..., "--from", metavar="A.npy", help="One sequence or a batch."),
+    ckpt: Optional[Path] = typer.Option(None, help=CKPT_HELP),
+    n: int = typer.Option(8, "-n", help="Generations per input sequence."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output .npy (N, K, T, ...), a PNG grid beside it (default: a new runs/generate-N/generated.npy)."),
+    seed: int = typer.Option(0),
+    device: str = typer.Option(default_device()),
+):
+    """Fixed-factor generation (the paper's Figs. 3-5): keep one factor of each input sequence,
+    draw the other from its prior K times. The PNG shows, per input (the first four), the input
+    and then its K generations."""
+    with user_errors():
+        expect_choice("--keep", keep, ("static", "dynamic"))
+        expect_at_least("-n", n, 1)
+        output = _npy_output(output, "generate", "generated.npy")
+        resolved = _check_device(device)
+        model = load_model(ckpt, resolved)
+        x, layout = load_sequences(source, model.cfg)
+        generator = torch.Generator(device=resolved).manual_seed(seed)
+        generated = keep_and_draw(model, x.to(resolved), keep, n, generator)       # (B, K, T, ...)
+        stored = np.stack([to_layout(g, {**_video_layout(model.cfg), "dtype": layout["dtype"]}) for g in generated])
+        save_npy(output, stored if layout["batched"] else stored[0])
+        rows = []
+        for i in range(min(4, x.shape[0])):
+            rows += [x[i], *generated[i].cpu()]
+        save_grid_png(rows, output.with_suffix(".png"), model.cfg)
+    typer.echo(f"used {model.description}\nwrote {output} and {output.with_suffix('.png')}")
+
+
+@app.command("interpolate")
+def interpolate_command(
+    first: Path = typer.Argument(..., metavar="A.npy"),
+    second: Path = typer.Argument(..., metavar="B.npy"),
+    latent: str = typer.Option("s", help="s: from A's static latent to B's; z: from A's z_1:T to B's (same T)."),
+    steps: int = typer.Option(8, help="Points on the line, A and B included."),
+    ckpt: Optional[Path] = typer.Option(None, help=CKPT_HELP),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output .npy (K, T, ...), a PNG beside it (default: a new runs/interpolate-N/interpolation.npy)."),
+    device: str = typer.Option(default_device()),
+):
+    """Decode along the straight line from A's latent to B's, the other latent held at A's
+    (the paper's App. G); one PNG row per step."""
+    with user_errors():
+        expect_choice("--latent", latent, ("s", "z"))
+        expect_at_least("--steps", steps, 2)
+        output = _npy_output(output, "interpolate", "interpolation.npy")
+        resolved = _check_device(device)
+        model = load_model(ckpt, resolved)
+        a, layout = load_sequences(first, model.cfg)
+        b, _ = load_sequences(second, model.cfg)
+        if a.shape[0] != 1 or b.shape[0] != 1:
+            raise UserError(f"A holds {a.shape[0]} sequences and B {b.shape[0]}; expected one sequence each")
+        if latent == "z" and a.shape[1] != b.shape[1]:
+            raise UserError(f"A has {a.shape[1]} frames and B {b.shape[1]}; expected the same for --latent z")
+        path = interpolate(model, a.to(resolved), b.to(resolved), latent, steps)
+        save_npy(output, to_layout(path, {**_video_layout(model.cfg), "dtype": layout["dtype"]}))
+        save_grid_png(list(path.cpu()), output.with_suffix(".png"), model.cfg)
+    typer.echo(f"used {model.description}\nwrote {output} and {output.with_suffix('.png')}")
 
 
 @app.command("swap")
@@ -2228,16 +2545,12 @@ def sample_command(
     with user_errors():
         if n < 1 or (frames is not None and frames < 1):
             raise UserError("-n and --frames must be at least 1")
-        if output is not None and output.suffix != ".npy":
-            raise UserError(f"{output}: expected an output path ending in .npy")
+        output = _npy_output(output, "sample", "samples.npy")
         resolved = _check_device(device)
         model = load_model(ckpt, resolved)
-        output = output if output is not None else new_output_folder("sample") / "samples.npy"
         generator = torch.Generator(device=resolved).manual_seed(seed)
         videos = generate(model, batch=n, frames=frames, generator=generator)
-        layout = {"batched": True, "channels_last": model.cfg.is_video,
-                  "dtype": np.dtype(np.uint8) if model.cfg.is_video else np.dtype(np.float32)}
-        save_npy(output, to_layout(videos, layout))
+        save_npy(output, to_layout(videos, _video_layout(model.cfg)))
         save_grid_png(list(videos[:16]), output.with_suffix(".png"), model.cfg)
     typer.echo(f"used {model.description}\nwrote {output} and {output.with_suffix('.png')}")
 

@@ -9,6 +9,12 @@ Folder layout (``fsdd``): ``<root>/{label}_{speaker}_{index}.wav``, as the Free 
 Dataset names its files; by that dataset's convention indices 0-4 are the test split.
 - Static factor: ``speaker``; dynamic factor: ``digit`` (the spoken label).
 
+Speaker-tree layout (``speech``, your own recordings): ``<root>/<speaker>/**/*.wav`` (any depth
+below the speaker's folder), or the folder layout above. Static factor: ``speaker``; when every
+file is named ``{label}_{speaker}_{index}.wav`` also the dynamic factor ``label``. Speakers are
+split, never shared: a seeded ``test_fraction`` of them (at least 2, so that speaker verification
+has pairs of different speakers) are the test split.
+
 Each utterance becomes 200 ms segments of log mel frames (data_prep/audio.py), each with its
 motion-augmented view (voice conversion) computed from the waveform. Features are standardised
 per dimension with the training split's mean and standard deviation (kept in meta.json).
@@ -70,6 +76,43 @@ def folder_items(root: Path, test_indices: int = 5) -> dict:
         raise PrepareError(f"{root}: no wav files named {FOLDER_LAYOUT} in both splits "
                            f"(indices 0-{test_indices - 1} are test); expected that layout")
     return items
+
+
+SPEECH_LAYOUT = "<root>/<speaker>/**/*.wav, or <root>/{label}_{speaker}_{index}.wav"
+
+
+def speech_items(root: Path, test_fraction: float = 0.2, seed: int = 0) -> tuple:
+    """``({split: [(path, labels)]}, kinds)`` of a speaker tree or a flat folder of
+    {label}_{speaker}_{index}.wav, the speakers split at random into disjoint sets."""
+    if not root.is_dir():
+        raise PrepareError(f"{root}: no such folder; expected {SPEECH_LAYOUT}")
+    if not 0 < test_fraction < 1:
+        raise PrepareError(f"--test-fraction {test_fraction}: expected a fraction between 0 and 1")
+    files = []
+    for speaker in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        files += [(path, speaker.name) for path in sorted(speaker.rglob("*"))
+                  if path.is_file() and path.suffix.lower() == ".wav"]
+    for path in sorted(root.iterdir()):
+        match = FOLDER_NAME.match(path.name)
+        if path.is_file() and match:
+            files.append((path, match["speaker"]))
+    if not files:
+        raise PrepareError(f"{root}: no wav files found; expected {SPEECH_LAYOUT}")
+    named = [FOLDER_NAME.match(path.name) for path, _ in files]
+    kinds = {"speaker": "static", **({"label": "dynamic"} if all(named) else {})}
+    speakers = sorted({speaker for _, speaker in files})
+    if len(speakers) < 3:
+        raise PrepareError(f"{root}: {len(speakers)} speaker(s); expected at least 3 (2 or more held out "
+                           "for the test split's speaker verification, the rest for training)")
+    rng = np.random.default_rng(seed)
+    held = max(2, round(test_fraction * len(speakers)))
+    held = min(held, len(speakers) - 1)
+    test_speakers = set(rng.permutation(np.array(speakers, dtype=object))[:held].tolist())
+    items = {"train": [], "test": []}
+    for (path, speaker), match in zip(files, named):
+        labels = {"speaker": speaker, **({"label": match["label"]} if "label" in kinds else {})}
+        items["test" if speaker in test_speakers else "train"].append((path, labels))
+    return items, kinds
 
 
 def _write(out_dir, dataset: str, items: dict, kinds: dict, disjoint: list, split_rule: str,
@@ -144,6 +187,16 @@ def prepare_folder(source, out_dir, seed: int = 0, n_mels: int = audio.N_MELS, p
                   seed, n_mels, progress, skip_bad)
 
 
-def count_files(source, folder_mode: bool) -> int:
-    items = folder_items(Path(source)) if folder_mode else timit_items(Path(source))
+def prepare_speech(source, out_dir, seed: int = 0, n_mels: int = audio.N_MELS, progress=None,
+                   skip_bad: bool = False, test_fraction: float = 0.2) -> Path:
+    items, kinds = speech_items(Path(source), test_fraction, seed)
+    return _write(out_dir, "speech", items, kinds, ["speaker"],
+                  f"speakers split at random (test fraction {test_fraction}, at least 2 test speakers, "
+                  f"numpy.random.default_rng({seed})): disjoint speakers", seed, n_mels, progress, skip_bad)
+
+
+def count_files(source, folder_mode) -> int:
+    """Utterances to prepare: folder_mode True (fsdd), False (timit) or "speech"."""
+    items = speech_items(Path(source))[0] if folder_mode == "speech" else \
+        folder_items(Path(source)) if folder_mode else timit_items(Path(source))
     return sum(len(files) for files in items.values())
