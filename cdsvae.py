@@ -116,26 +116,6 @@ class Config:
     def is_video(self) -> bool:
         return len(self.frame_shape) == 3
 
-    @classmethod
-    def from_dict(cls, values: dict) -> "Config":
-        known = {f.name for f in fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"unknown config keys {sorted(unknown)}")
-        cfg = cls(**values)
-        cfg.frame_shape = tuple(int(v) for v in cfg.frame_shape)
-        kinds = {"int": int, "float": (int, float), "str": str, "bool": bool}
-        for field in fields(cls):                   # a config read from a file is checked field by field
-            value, kind = getattr(cfg, field.name), kinds.get(str(field.type))
-            if kind is not None and (not isinstance(value, kind) or (kind is not bool and isinstance(value, bool))):
-                raise TypeError(f"config {field.name}: {value!r} is not a {field.type}")
-            low = -2**63 if field.name == "seed" else 0
-            if kind in (int, (int, float)) and not (math.isfinite(value) and low <= value <= max(10**7, -low)):
-                raise ValueError(f"config {field.name}: {value!r} out of range")
-        if not 1 <= len(cfg.frame_shape) <= 3 or not all(0 < v <= 4096 for v in cfg.frame_shape):
-            raise ValueError(f"config frame_shape: {cfg.frame_shape} out of range")
-        return cfg
-
 
 # ----------------------------------------------------------------------------------------------
 # 2. The objective's pieces
@@ -1134,7 +1114,7 @@ def load_judge(path, device="cpu", frame_shape: Optional[tuple] = None) -> Judge
     with ``frame_shape``, one that scores frames of that shape (UserError otherwise)."""
     payload = _load_payload(path, device, JUDGE_FORMAT, "judge", "judge")
     try:
-        config, classes = Config.from_dict(payload["config"]), payload["classes"]
+        config, classes = config_from_dict(payload["config"]), payload["classes"]
         _check_weights(lambda: Judge(config, classes), payload["state_dict"])
         judge = Judge(config, classes)
         judge.load_state_dict(payload["state_dict"])
@@ -1319,6 +1299,28 @@ class TensorBoardLog:
         model.train()
 
 
+def config_from_dict(values: dict) -> Config:
+    """A Config read from a file (a checkpoint), checked field by field: known keys, types,
+    finite values in range."""
+    known = {f.name for f in fields(Config)}
+    unknown = set(values) - known
+    if unknown:
+        raise ValueError(f"unknown config keys {sorted(unknown)}")
+    cfg = Config(**values)
+    cfg.frame_shape = tuple(int(v) for v in cfg.frame_shape)
+    kinds = {"int": int, "float": (int, float), "str": str, "bool": bool}
+    for field in fields(Config):
+        value, kind = getattr(cfg, field.name), kinds.get(str(field.type))
+        if kind is not None and (not isinstance(value, kind) or (kind is not bool and isinstance(value, bool))):
+            raise TypeError(f"config {field.name}: {value!r} is not a {field.type}")
+        low = -2**63 if field.name == "seed" else 0
+        if kind in (int, (int, float)) and not (math.isfinite(value) and low <= value <= max(10**7, -low)):
+            raise ValueError(f"config {field.name}: {value!r} out of range")
+    if not 1 <= len(cfg.frame_shape) <= 3 or not all(0 < v <= 4096 for v in cfg.frame_shape):
+        raise ValueError(f"config frame_shape: {cfg.frame_shape} out of range")
+    return cfg
+
+
 def save_checkpoint(model: CDSVAE, path: Path, **extra) -> None:
     atomic_save({"format": CHECKPOINT_FORMAT, "config": asdict(model.cfg),
                  "state_dict": model.state_dict(), **extra}, path)
@@ -1372,7 +1374,7 @@ def read_checkpoint(path, device="cpu") -> dict:
     """A checkpoint's validated contents, its config as a Config."""
     payload = _load_payload(path, device, CHECKPOINT_FORMAT, "checkpoint", "train")
     try:
-        payload["config"] = Config.from_dict(payload["config"])
+        payload["config"] = config_from_dict(payload["config"])
         _check_weights(lambda: CDSVAE(payload["config"]), payload["state_dict"])
     except (KeyError, TypeError, ValueError, RuntimeError, OverflowError) as error:
         raise UserError(f"{path}: cdsvae checkpoint with a bad config or weights ({_reason(error)})") from None

@@ -78,13 +78,16 @@ def prepare(source, out_dir, seed: int = 0, size: int = 64, crop=DEFAULT_CROP, p
             kept = []
             for take in split_takes:
                 chosen = np.linspace(0, len(take[2]) - 1, FRAMES).round().astype(int)
+                frames = []
                 try:
-                    videos[len(kept)] = np.stack([load_frame(take[2][i], crop, size) for i in chosen])
+                    for i in chosen:
+                        frames.append(load_frame(take[2][i], crop, size))
+                    videos[len(kept)] = np.stack(frames)
                     kept.append(take)
-                except PrepareError as error:
+                except PrepareError:
                     if not skip_bad:
                         raise
-                    skipped.append(str(error).split(": ")[0])
+                    skipped.append(str(take[2][chosen[len(frames)]]))     # the frame that failed
                 if progress is not None:
                     progress(1)
             videos.flush()

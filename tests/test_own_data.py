@@ -312,7 +312,8 @@ def test_speech_refuses_a_wav_that_is_not_pcm(tmp_path):
 
 @pytest.mark.skipif(not (SHARED / "fsdd").is_dir(), reason="../shared/data/fsdd not present")
 def test_own_speech_from_fsdd_through_every_command(tmp_path):
-    """FSDD regrouped as <speaker>/*.wav: prepare speech -> train -> judge -> eval -> encode."""
+    """FSDD regrouped as <speaker>/*.wav: prepare speech -> train -> judge -> eval -> encode ->
+    generate -> interpolate."""
     for path in sorted((SHARED / "fsdd").glob("*.wav")):
         label, speaker, index = path.stem.split("_")
         if int(index) < 6:                               # 6 takes of each digit and speaker
@@ -334,6 +335,20 @@ def test_own_speech_from_fsdd_through_every_command(tmp_path):
     result = run("encode", "--ckpt", ckpt, "--data-dir", prep, "-o", tmp_path / "enc", "--device", "cpu")
     assert result.exit_code == 0, result.output
     assert np.load(tmp_path / "enc" / "z.npy").shape == (len(data.test.sequences), 20, 2)
+    np.save(tmp_path / "a.npy", np.asarray(data.test.sequences[:2]))
+    np.save(tmp_path / "b.npy", np.asarray(data.test.sequences[2]))
+    result = run("generate", "--ckpt", ckpt, "--keep", "static", "--from", tmp_path / "a.npy", "-n", 3,
+                 "-o", tmp_path / "g.npy", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert np.load(tmp_path / "g.npy").shape == (2, 3, 20, 64) and (tmp_path / "g.png").is_file()
+    result = run("interpolate", tmp_path / "b.npy", tmp_path / "a.npy", "--ckpt", ckpt, "--latent", "s",
+                 "-o", tmp_path / "i.npy", "--device", "cpu")
+    assert result.exit_code == 2 and "expected one sequence each" in result.stderr      # a.npy holds 2
+    np.save(tmp_path / "a.npy", np.asarray(data.test.sequences[0]))
+    result = run("interpolate", tmp_path / "b.npy", tmp_path / "a.npy", "--ckpt", ckpt, "--latent", "z",
+                 "--steps", 5, "-o", tmp_path / "i.npy", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert np.load(tmp_path / "i.npy").shape == (5, 20, 64) and (tmp_path / "i.png").is_file()
 
 
 # --- --tensorboard -------------------------------------------------------------------------------
