@@ -524,14 +524,16 @@ class CDSVAE(nn.Module):
         return terms["loss"], {name: value.detach() for name, value in terms.items()}
 
     def objective_terms(self, x, motion_view: Optional[torch.Tensor] = None) -> dict:
-        """Every term of eq. (6) and the loss, each with its graph (``forward`` detaches them).
-        The steps, in the paper's order (their random draws come in this order too):"""
+        """Every term of eq. (6) and the loss, each with its graph (``forward`` detaches them),
+        in the paper's order (the random draws come in this order too)."""
         views = self.encode_views(x, motion_view)            # x and its augmentations, sec. 2.3
         posterior = self.sample_posterior(views.features)     # q(s|x), q(z_t|z_<t, x_<=t), eq. (2)
-        terms = self.elbo_terms(x, posterior)                 # recon, KL_s, KL_z, eq. (3)
-        terms["mi_sx"] = self.mi_static_data(views, posterior)     # I(s;x), eq. (7-8)
-        terms["mi_zx"] = self.mi_dynamic_data(views, posterior)    # I(z;x), eq. (7-8)
-        terms["mi_zs"] = mws_mi_zs(*self._global(posterior), self.cfg.dataset_size)  # I(z;s), MWS
+        terms = self.elbo_terms(x, posterior)                 # recon, KL_s, KL_z
+        batch = self.global_batch(posterior)                  # what the MI estimates see
+        terms["mi_sx"] = self.mi_static_data(views, batch)    # I(s;x), eq. (7-8)
+        terms["mi_zx"] = self.mi_dynamic_data(views, batch)   # I(z;x), eq. (7-8)
+        terms["mi_zs"] = mws_mi_zs(batch.static, batch.static_mean, batch.static_logvar, batch.dynamic,
+                                   batch.dynamic_mean, batch.dynamic_logvar, self.cfg.dataset_size)  # I(z;s)
         terms["loss"] = self.negative_eq6(terms)
         return terms
 
@@ -574,30 +576,28 @@ class CDSVAE(nn.Module):
             "kl_z": gaussian_kl(q.dynamic_mean, q.dynamic_logvar, prior_mean, prior_logvar).sum() / B,
         }
 
-    def mi_static_data(self, views: "Views", posterior: Encoding) -> torch.Tensor:
+    def mi_static_data(self, views: "Views", batch: Encoding) -> torch.Tensor:
         """I(s;x): InfoNCE between q(s|x)'s mean and that of the content view (frames shuffled),
         eq. (7-8); without the content augmentation (or contrastive MI), the MWS estimate.
         Frames are encoded one by one, so permuting x's frame features *is* the encoding of the
         shuffled video: only the sequence model runs again."""
         cfg = self.cfg
-        static, static_mean, static_logvar = self._global(posterior)[:3]
         if not (cfg.mi == "contrastive" and cfg.content_aug):
-            return mws_mi_x(static, static_mean, static_logvar, cfg.dataset_size)
+            return mws_mi_x(batch.static, batch.static_mean, batch.static_logvar, cfg.dataset_size)
         B, T = views.features.shape[:2]
         order = content_order(B, T, device=views.features.device)
         content = torch.gather(views.content_source, 1, order.unsqueeze(-1).expand_as(views.features))
         content_mean = self.static_posterior(content)[0].float()
-        return infonce_mi(static_mean, gather_batch(content_mean), cfg.tau)
+        return infonce_mi(batch.static_mean, gather_batch(content_mean), cfg.tau)
 
-    def mi_dynamic_data(self, views: "Views", posterior: Encoding) -> torch.Tensor:
+    def mi_dynamic_data(self, views: "Views", batch: Encoding) -> torch.Tensor:
         """I(z;x): InfoNCE between the posterior-mean trajectories of x and of its motion view,
         eq. (7-8), both along mean rollouts (eps = 0, "the trajectory obtained by using the mean
         at each time step") or along sampled ones (``cfg.mi_rollout``); without a motion view, the
         MWS estimate."""
         cfg = self.cfg
-        dynamic, dynamic_mean, dynamic_logvar = self._global(posterior)[3:]
         if views.motion is None:
-            return mws_mi_x(dynamic, dynamic_mean, dynamic_logvar, cfg.dataset_size)
+            return mws_mi_x(batch.dynamic, batch.dynamic_mean, batch.dynamic_logvar, cfg.dataset_size)
         B, T = views.features.shape[:2]
         if cfg.mi_rollout == "mean":
             both = self.dynamic_posterior(torch.cat([views.features, views.motion]),
@@ -606,7 +606,7 @@ class CDSVAE(nn.Module):
         else:
             motion_eps = self.noise((B, T, cfg.dynamic_dim), views.features)
             motion = gather_batch(self.dynamic_posterior(views.motion, motion_eps)[1].float())
-            anchor = dynamic_mean
+            anchor = batch.dynamic_mean
         return infonce_mi(anchor.flatten(1), motion.flatten(1), cfg.tau)
 
     def negative_eq6(self, terms: dict) -> torch.Tensor:
@@ -620,13 +620,10 @@ class CDSVAE(nn.Module):
         return loss
 
     @staticmethod
-    def _global(posterior: Encoding) -> list:
+    def global_batch(posterior: Encoding) -> Encoding:
         """The posterior in fp32 over the global batch the MI estimates see: under DDP every
-        rank's (with gradients, ``gather_batch``); in one process the batch itself. Ordered as
-        ``mws_mi_zs`` takes them: s, its mean, its log-variance, then the same for z."""
-        fields = (posterior.static, posterior.static_mean, posterior.static_logvar,
-                  posterior.dynamic, posterior.dynamic_mean, posterior.dynamic_logvar)
-        return [gather_batch(v.float()) for v in fields]
+        rank's (with gradients, ``gather_batch``); in one process the batch itself."""
+        return Encoding(*(gather_batch(v.float()) for v in posterior))
 
     @staticmethod
     def noise(shape, like: torch.Tensor) -> torch.Tensor:
