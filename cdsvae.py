@@ -2397,7 +2397,8 @@ def encode_command(
 
 def encode_prepared_split(model: CDSVAE, dataset: Dataset, split: str, samples: int, seed: int, device) -> dict:
     """The posterior means of a whole split, ``samples`` posterior draws, and the split's labels
-    (label_<factor>.npy, and labels.json with the class names, kinds and sequence order)."""
+    (label_<factor>.npy, and labels.json with the class names and kinds); row i is the split's i-th
+    sequence."""
     sequences = getattr(dataset, split).sequences
     rounds = 1 + samples
     with _progress(True) as progress:
