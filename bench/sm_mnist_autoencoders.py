@@ -3,7 +3,7 @@ alone with the Bernoulli likelihood (no KL, no MI), time-budgeted on one core.
 
     python bench/sm_mnist_autoencoders.py frame --mnist-dir MNIST_DIR --minutes 6
     python bench/sm_mnist_autoencoders.py sequence --mnist-dir MNIST_DIR --minutes 6 \
-        [--dynamic-dim 40] [--pool mean] [--decoder-mlp 256] [--one-digit] [--curriculum 6]
+        [--dynamic-dim 40] [--pool mean] [--decoder-mlp 256] [--one-digit] [--curriculum 6] [--slots 2]
 
 - ``frame``: ConvFrameEncoder -> linear -> ConvFrameDecoder on single frames (batch 128
   frames): a free 40-number code per frame.
@@ -12,7 +12,8 @@ alone with the Bernoulli likelihood (no KL, no MI), time-budgeted on one core.
   mean over time), z_1:T = the dynamic posterior's mean rollout, the model's decoder;
   ``--decoder-mlp H`` puts an MLP before the decoder's first 4x4 stage; ``--one-digit`` renders
   one moving digit instead of two; ``--curriculum M`` trains on one digit for the first M
-  minutes, then on two.
+  minutes, then on two; ``--slots K`` splits s and z_t into K parts and draws each pair with one
+  shared decoder, the frames combined as a union of the K drawings.
 
 Prints the test BCE per frame, a probe of the digits from s (sequence) or from the frame
 features (frame), and writes a PNG (per sequence: input, reconstruction, and for ``sequence``
@@ -54,6 +55,9 @@ def main():
     parser.add_argument("--decoder-mlp", type=int, default=0)
     parser.add_argument("--one-digit", action="store_true")
     parser.add_argument("--curriculum", type=float, default=0.0, help="minutes on one digit first")
+    parser.add_argument("--slots", type=int, default=1,
+                        help="sequence: split s and z_t into K parts, decode each pair [s_k, z_k] with one shared "
+                             "decoder and combine the frames as a union (p = 1 - prod(1 - p_k))")
     parser.add_argument("--png", type=Path, default=Path("autoencoder.png"))
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -77,7 +81,24 @@ def main():
         model.frame_decoder.net[0] = nn.Sequential(
             nn.Flatten(), nn.Linear(latent, args.decoder_mlp), nn.LeakyReLU(0.2),
             nn.Linear(args.decoder_mlp, width * 16), nn.Unflatten(1, (width, 4, 4)))
-    optimizer = torch.optim.Adam([*model.parameters(), *projection.parameters(), *pooler.parameters()], 2e-3)
+    slot_decoder = None
+    if args.slots > 1:
+        slot_cfg = cdsvae.Config(**{**vars(cfg), "frame_shape": cfg.frame_shape,
+                                    "static_dim": cfg.static_dim // args.slots, "dynamic_dim": cfg.dynamic_dim // args.slots})
+        slot_decoder = cdsvae.ConvFrameDecoder(slot_cfg)
+    optimizer = torch.optim.Adam([*model.parameters(), *projection.parameters(), *pooler.parameters(),
+                                  *(slot_decoder.parameters() if slot_decoder else [])], 2e-3)
+
+    def decode_logits(static, dynamic):
+        if slot_decoder is None:
+            return model.decode_logits(static, dynamic)
+        B, T = dynamic.shape[:2]
+        log_none = 0.0           # log prod_k (1 - p_k): no slot draws the pixel
+        for s_k, z_k in zip(static.chunk(args.slots, 1), dynamic.chunk(args.slots, 2)):
+            inputs = torch.cat([s_k.unsqueeze(1).expand(-1, T, -1), z_k], -1).flatten(0, 1)
+            log_none = log_none - F.softplus(slot_decoder(inputs))
+        log_none = log_none.clamp(max=-1e-6)
+        return (torch.log(-torch.expm1(log_none)) - log_none).view(B, T, *log_none.shape[1:])
 
     def code(x):          # sequence: (static, dynamic) of (B, T, C, H, W)
         features = model.encode_frames(x)
@@ -98,7 +119,7 @@ def main():
             early = one_digit_train is not None and time.time() - started < 60 * args.curriculum
             source = one_digit_train if early else data.train.sequences
             x = cdsvae.to_frames(source[np.sort(rng.choice(len(source), 8, replace=False))], "cpu")
-            logits = model.decode_logits(*code(x))
+            logits = decode_logits(*code(x))
         loss = F.binary_cross_entropy_with_logits(logits, x, reduction="sum") / (x.numel() // 1024)
         optimizer.zero_grad()
         loss.backward()
@@ -114,10 +135,10 @@ def main():
         else:
             x = cdsvae.to_frames(data.test.sequences[:200], "cpu")
             static, dynamic = code(x)
-            logits = model.decode_logits(static, dynamic)
+            logits = decode_logits(static, dynamic)
             train_features = code(cdsvae.to_frames(data.train.sequences[:2000], "cpu"))[0]
             test_features = code(cdsvae.to_frames(data.test.sequences[:1000], "cpu"))[0]
-            swapped = torch.sigmoid(model.decode_logits(static[[1, 2, 0]], dynamic[:3]))
+            swapped = torch.sigmoid(decode_logits(static[[1, 2, 0]], dynamic[:3]))
             rows = [row for i in range(3) for row in (x[i], torch.sigmoid(logits[i]), swapped[i])]
         bce = F.binary_cross_entropy_with_logits(logits, x, reduction="sum").item() / (x.numel() // 1024)
     count = len(test_features)
