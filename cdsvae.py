@@ -2379,26 +2379,26 @@ def encode_command(
             unbatch = (lambda a: a) if layout["batched"] else (lambda a: a[0])
             arrays = {"s": unbatch(encoding.static_mean.cpu().numpy()),
                       "z": unbatch(encoding.dynamic_mean.cpu().numpy())}
+            labels = None
         else:
             dataset = load_dataset(None, str(data_dir))
             if tuple(dataset.frame_shape) != tuple(model.cfg.frame_shape):
                 raise UserError(f"{data_dir}: frames {dataset.frame_shape}, the model's {model.cfg.frame_shape}; "
                                 "expected the same")
-            arrays = encode_prepared_split(model, dataset, split, samples, seed, resolved)
+            arrays, labels = encode_prepared_split(model, dataset, split, samples, seed, resolved)
         output = output if output is not None else new_output_folder("encode")
         for name, array in arrays.items():
-            if isinstance(array, np.ndarray):
-                save_npy(output / f"{name}.npy", array)
-        if "labels" in arrays:
-            atomic_write_text(output / "labels.json", json.dumps(arrays["labels"], indent=2) + "\n")
-    written = ", ".join(f"{name}.npy" for name, array in arrays.items() if isinstance(array, np.ndarray))
-    typer.echo(f"used {model.description}\nwrote {output}/: {written}" + (", labels.json" if "labels" in arrays else ""))
+            save_npy(output / f"{name}.npy", array)
+        if labels is not None:
+            atomic_write_text(output / "labels.json", json.dumps(labels, indent=2) + "\n")
+    written = ", ".join(f"{name}.npy" for name in arrays)
+    typer.echo(f"used {model.description}\nwrote {output}/: {written}" + (", labels.json" if labels else ""))
 
 
-def encode_prepared_split(model: CDSVAE, dataset: Dataset, split: str, samples: int, seed: int, device) -> dict:
-    """The posterior means of a whole split, ``samples`` posterior draws, and the split's labels
-    (label_<factor>.npy, and labels.json with the class names and kinds); row i is the split's i-th
-    sequence."""
+def encode_prepared_split(model: CDSVAE, dataset: Dataset, split: str, samples: int, seed: int, device) -> tuple:
+    """``(arrays, labels)``: the posterior means of a whole split, ``samples`` posterior draws and
+    the split's label_<factor> arrays; ``labels`` (for labels.json) the class names and kinds.
+    Row i is the split's i-th sequence."""
     sequences = getattr(dataset, split).sequences
     rounds = 1 + samples
     with _progress(True) as progress:
@@ -2413,15 +2413,15 @@ def encode_prepared_split(model: CDSVAE, dataset: Dataset, split: str, samples: 
             arrays["z_samples"] = np.stack([d[1] for d in draws])
     for factor, values in getattr(dataset, split).labels.items():
         arrays[f"label_{factor}"] = np.asarray(values)
-    arrays["labels"] = {"split": split, "count": len(sequences), "classes": dataset.classes,
-                        "kind": dataset.kinds, "latents": "s, z: posterior means (dynamic rollout fed its means)"
-                        + (f"; s_samples, z_samples: {samples} posterior draws (seed {seed}..)" if samples else "")}
-    return arrays
+    labels = {"split": split, "count": len(sequences), "classes": dataset.classes, "kind": dataset.kinds,
+              "latents": "s, z: posterior means (dynamic rollout fed its means)"
+              + (f"; s_samples, z_samples: {samples} posterior draws (seed {seed}..)" if samples else "")}
+    return arrays, labels
 
 
-def _video_layout(cfg: Config, batched: bool = True) -> dict:
+def _video_layout(cfg: Config) -> dict:
     """How generated sequences are written: (N, T, H, W, C) uint8 video, or float features."""
-    return {"batched": batched, "channels_last": cfg.is_video,
+    return {"batched": True, "channels_last": cfg.is_video,
             "dtype": np.dtype(np.uint8) if cfg.is_video else np.dtype(np.float32)}
 
 

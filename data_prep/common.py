@@ -64,6 +64,20 @@ class PreparedWriter:
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
 
 
+def open_image(path: Path, expected: str):
+    """A PIL image with its (first) frame read; a truncated file, one that is not an image, or a
+    decompression bomb is a PrepareError naming the file and ``expected``. Animated files stay
+    open, so that later frames can be seeked."""
+    from PIL import Image
+
+    try:
+        image = Image.open(path)
+        image.load()
+        return image
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise PrepareError(f"{path}: unreadable image ({type(error).__name__}: {error}); expected {expected}") from None
+
+
 def read_meta(directory: str | Path) -> dict:
     directory = Path(directory)
     try:

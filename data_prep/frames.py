@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.common import PrepareError, PreparedWriter
+from data_prep.common import PrepareError, PreparedWriter, open_image
 
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg")
 ANIMATED_SUFFIXES = (".gif", ".png", ".apng", ".tif", ".tiff")
@@ -65,42 +65,32 @@ def _frame_files(folder: Path) -> list:
 
 
 def _open(path: Path):
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        image = Image.open(path)
-        image.load()
-        return image
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise PrepareError(f"{path}: unreadable image ({error}); expected a PNG, JPEG, GIF, APNG "
-                           "or TIFF file") from None
+    return open_image(path, "a PNG, JPEG, GIF, APNG or TIFF file")
 
 
-def frame_count(path: Path) -> int:
+def open_sequence(path: Path) -> tuple:
+    """``(frame count, read)`` of one sequence, ``read(indices)`` giving those frames as RGB PIL
+    images; an animated file is opened once for both."""
     if path.is_dir():
-        return len(_frame_files(path))
-    count = getattr(_open(path), "n_frames", 1)
+        files = _frame_files(path)
+        return len(files), lambda indices: [_open(files[i]).convert("RGB") for i in indices]
+    image = _open(path)
+    count = getattr(image, "n_frames", 1)
     if count < 2:
         raise PrepareError(f"{path}: 1 frame; expected an animated file with at least 2 frames "
                            "(or a folder of frame images)")
-    return count
 
-
-def read_frames(path: Path, indices) -> list:
-    """The frames at ``indices`` of one sequence, as RGB PIL images."""
-    if path.is_dir():
-        files = _frame_files(path)
-        return [_open(files[i]).convert("RGB") for i in indices]
-    image = _open(path)
-    frames = []
-    for i in indices:
-        try:
-            image.seek(i)
-            frames.append(image.convert("RGB"))
-        except (EOFError, OSError, ValueError) as error:
-            raise PrepareError(f"{path}: unreadable frame {i} ({error}); expected a complete "
-                               "animated file") from None
-    return frames
+    def read(indices) -> list:
+        frames = []
+        for i in indices:
+            try:
+                image.seek(i)
+                frames.append(image.convert("RGB"))
+            except (EOFError, OSError, ValueError) as error:
+                raise PrepareError(f"{path}: unreadable frame {i} ({error}); expected a complete "
+                                   "animated file") from None
+        return frames
+    return count, read
 
 
 def _square(image, size: int, crop: str):
@@ -204,10 +194,10 @@ def prepare(source, out_dir, seed: int = 0, frames: int | None = None, size: int
                                "expected one row per sequence")
         break   # every factor has the same rows
 
-    kept, short, bad, length = [], [], [], frames
+    videos, short, bad, length, frame_size, grey = [], [], [], frames, None, True
     for name, path in sequences:
         try:
-            count = frame_count(path)
+            count, read = open_sequence(path)
         except PrepareError:
             if not skip_bad:
                 raise
@@ -223,16 +213,8 @@ def prepare(source, out_dir, seed: int = 0, frames: int | None = None, size: int
         elif count < frames:
             short.append(name)
             continue
-        kept.append((name, path, count))
-    if not kept:
-        raise PrepareError(f"{source}: no sequence has {length} frames or more ({len(short)} shorter, "
-                           f"{len(bad)} unreadable); expected --frames T at most the shortest length")
-
-    videos, frame_size, grey = [], None, True
-    for name, path, count in kept:
-        indices = np.linspace(0, count - 1, length).round().astype(int)
         try:
-            images = read_frames(path, indices)
+            images = read(np.linspace(0, count - 1, length).round().astype(int))
         except PrepareError:
             if not skip_bad:
                 raise
@@ -252,7 +234,8 @@ def prepare(source, out_dir, seed: int = 0, frames: int | None = None, size: int
         if progress is not None:
             progress(1)
     if not videos:
-        raise PrepareError(f"{source}: every sequence is unreadable; expected {LAYOUT}")
+        raise PrepareError(f"{source}: no sequence has {length} frames or more ({len(short)} shorter, "
+                           f"{len(bad)} unreadable); expected --frames T at most the shortest length")
     width, height = frame_size
     if width != height or width < 8 or width > 256 or width & (width - 1):
         raise PrepareError(f"frames of {width}x{height}; expected square frames with a power-of-two side "

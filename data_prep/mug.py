@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.common import PrepareError, PreparedWriter
+from data_prep.common import PrepareError, PreparedWriter, open_image
 
 EXPRESSIONS = ["anger", "disgust", "fear", "happiness", "sadness", "surprise"]
 LAYOUT = "<root>/<subject>/<expression>/<take>/<frame>.jpg with expressions " + ", ".join(EXPRESSIONS + ["neutral"])
@@ -45,14 +45,10 @@ def find_takes(root: Path):
 def load_frame(path: Path, crop, size: int) -> np.ndarray:
     from PIL import Image
 
-    try:
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-            width, height = image.size
-            box = (round(crop[0] * width), round(crop[1] * height), round(crop[2] * width), round(crop[3] * height))
-            return np.asarray(image.crop(box).resize((size, size), Image.BILINEAR))
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:   # truncated, not an image
-        raise PrepareError(f"{path}: unreadable image ({type(error).__name__}: {error}); expected a JPEG frame") from None
+    image = open_image(path, "a JPEG frame").convert("RGB")
+    width, height = image.size
+    box = (round(crop[0] * width), round(crop[1] * height), round(crop[2] * width), round(crop[3] * height))
+    return np.asarray(image.crop(box).resize((size, size), Image.BILINEAR))
 
 
 def prepare(source, out_dir, seed: int = 0, size: int = 64, crop=DEFAULT_CROP, progress=None,

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.common import PrepareError, PreparedWriter
+from data_prep.common import PrepareError, PreparedWriter, open_image
 
 CELL, COLUMNS, VARIANTS = 64, 13, 6
 LAYERS = ("body", "bottomwear", "topwear", "hair")
@@ -49,17 +49,10 @@ def motion_cells() -> np.ndarray:
 
 
 def _load_sheet(path: Path, cells: np.ndarray) -> np.ndarray:
-    from PIL import Image
-
     if not path.is_file():
         raise PrepareError(f"{path}: missing; expected the LPC sprite-sheet layers "
                            "<source>/{body,bottomwear,topwear,hair}/0..5.png and <source>/shoes/1.png")
-    try:
-        with Image.open(path) as image:
-            sheet = np.asarray(image.convert("RGBA"))
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:   # truncated, not an image
-        raise PrepareError(f"{path}: unreadable image ({type(error).__name__}: {error}); expected an LPC "
-                           "sprite-sheet PNG") from None
+    sheet = np.asarray(open_image(path, "an LPC sprite-sheet PNG").convert("RGBA"))
     if sheet.shape[:2] != (21 * CELL, COLUMNS * CELL):
         raise PrepareError(f"{path}: a {sheet.shape[1]}x{sheet.shape[0]} image; expected an "
                            f"{COLUMNS * CELL}x{21 * CELL} sheet of 64x64 cells")
