@@ -157,14 +157,6 @@ def contrastive_mi(anchor: torch.Tensor, positive: torch.Tensor, tau: float) -> 
     return math.log(max(2 * batch - 1, 1)) + log_prob_positive.mean()
 
 
-def infonce_mi(anchor: torch.Tensor, positive: torch.Tensor, tau: float) -> torch.Tensor:
-    """``contrastive_mi``, computed by the tiled Triton kernel on CUDA (kernels/infonce.py)."""
-    if kernels.use_triton(anchor):
-        from kernels.infonce import contrastive_mi as fused
-        return fused(anchor, positive, tau)
-    return contrastive_mi(anchor, positive, tau)
-
-
 def _pairwise_log_density(sample, mean, logvar) -> torch.Tensor:
     """log q(sample_i | x_j) for all pairs: (B, *, D) inputs -> (B, B, *), summed over D."""
     return log_gaussian(sample.unsqueeze(1), mean.unsqueeze(0), logvar.unsqueeze(0)).sum(-1)
@@ -338,26 +330,17 @@ class ConvFrameDecoder(nn.Module):
         return self.net(first).contiguous()
 
 
-class MlpFrameEncoder(nn.Module):
-    """Frame encoder for feature-vector frames (e.g. spectrogram frames)."""
+class MlpFrameCoder(nn.Module):
+    """Frame encoder (``squash``: tanh features) or decoder for feature-vector frames (e.g.
+    spectrogram frames): one hidden layer of ``cfg.mlp_width``."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, inputs: int, outputs: int, squash: bool):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(cfg.frame_shape[0], cfg.mlp_width), nn.LeakyReLU(0.2),
-                                 nn.Linear(cfg.mlp_width, cfg.feature_dim), nn.Tanh())
+        self.net = nn.Sequential(nn.Linear(inputs, cfg.mlp_width), nn.LeakyReLU(0.2),
+                                 nn.Linear(cfg.mlp_width, outputs), *([nn.Tanh()] if squash else []))
 
     def forward(self, frames):
         return self.net(frames)
-
-
-class MlpFrameDecoder(nn.Module):
-    def __init__(self, cfg: Config):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(cfg.static_dim + cfg.dynamic_dim, cfg.mlp_width),
-                                 nn.LeakyReLU(0.2), nn.Linear(cfg.mlp_width, cfg.frame_shape[0]))
-
-    def forward(self, latent):
-        return self.net(latent)
 
 
 class StaticPosterior(nn.Module):
@@ -467,8 +450,10 @@ class CDSVAE(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         self.cfg = cfg
-        self.frame_encoder = ConvFrameEncoder(cfg) if cfg.is_video else MlpFrameEncoder(cfg)
-        self.frame_decoder = ConvFrameDecoder(cfg) if cfg.is_video else MlpFrameDecoder(cfg)
+        self.frame_encoder = ConvFrameEncoder(cfg) if cfg.is_video else \
+            MlpFrameCoder(cfg, cfg.frame_shape[0], cfg.feature_dim, squash=True)
+        self.frame_decoder = ConvFrameDecoder(cfg) if cfg.is_video else \
+            MlpFrameCoder(cfg, cfg.static_dim + cfg.dynamic_dim, cfg.frame_shape[0], squash=False)
         self.static_posterior = StaticPosterior(cfg)
         self.dynamic_posterior = DynamicPosterior(cfg)
         self.dynamic_prior = DynamicPrior(cfg)
@@ -529,7 +514,7 @@ class CDSVAE(nn.Module):
         views = self.encode_views(x, motion_view)            # x and its augmentations, sec. 2.3
         posterior = self.sample_posterior(views.features)     # q(s|x), q(z_t|z_<t, x_<=t), eq. (2)
         terms = self.elbo_terms(x, posterior)                 # recon, KL_s, KL_z
-        batch = self.global_batch(posterior)                  # what the MI estimates see
+        batch = global_batch(posterior)                       # what the MI estimates see
         terms["mi_sx"] = self.mi_static_data(views, batch)    # I(s;x), eq. (7-8)
         terms["mi_zx"] = self.mi_dynamic_data(views, batch)   # I(z;x), eq. (7-8)
         terms["mi_zs"] = mws_mi_zs(batch.static, batch.static_mean, batch.static_logvar, batch.dynamic,
@@ -618,12 +603,6 @@ class CDSVAE(nn.Module):
         if cfg.mi != "off":
             loss = loss - cfg.beta * (terms["mi_sx"] + terms["mi_zx"]) + cfg.gamma * terms["mi_zs"]
         return loss
-
-    @staticmethod
-    def global_batch(posterior: Encoding) -> Encoding:
-        """The posterior in fp32 over the global batch the MI estimates see: under DDP every
-        rank's (with gradients, ``gather_batch``); in one process the batch itself."""
-        return Encoding(*(gather_batch(v.float()) for v in posterior))
 
     @staticmethod
     def noise(shape, like: torch.Tensor) -> torch.Tensor:
@@ -1037,7 +1016,8 @@ class Judge(nn.Module):
     def __init__(self, cfg: Config, classes: dict):
         super().__init__()
         self.cfg, self.classes = cfg, classes
-        self.frame_encoder = ConvFrameEncoder(cfg) if cfg.is_video else MlpFrameEncoder(cfg)
+        self.frame_encoder = ConvFrameEncoder(cfg) if cfg.is_video else \
+            MlpFrameCoder(cfg, cfg.frame_shape[0], cfg.feature_dim, squash=True)
         self.lstm = nn.LSTM(cfg.feature_dim, cfg.hidden_dim, batch_first=True, bidirectional=True)
         self.heads = nn.ModuleDict({factor: nn.Linear(2 * cfg.hidden_dim, len(names))
                                     for factor, names in classes.items()})
@@ -1457,6 +1437,20 @@ def gather_batch(local: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         return _GatherBatch.apply(local)
     return local
+
+
+def infonce_mi(anchor: torch.Tensor, positive: torch.Tensor, tau: float) -> torch.Tensor:
+    """``contrastive_mi``, computed by the tiled Triton kernel on CUDA (kernels/infonce.py)."""
+    if kernels.use_triton(anchor):
+        from kernels.infonce import contrastive_mi as fused
+        return fused(anchor, positive, tau)
+    return contrastive_mi(anchor, positive, tau)
+
+
+def global_batch(posterior: Encoding) -> Encoding:
+    """The posterior in fp32 over the global batch the MI estimates see: under DDP every
+    rank's (with gradients, ``gather_batch``); in one process the batch itself."""
+    return Encoding(*(gather_batch(v.float()) for v in posterior))
 
 
 def _distributed(device: torch.device):
