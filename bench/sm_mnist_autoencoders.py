@@ -3,21 +3,26 @@ alone with the Bernoulli likelihood (no KL, no MI), time-budgeted on one core.
 
     python bench/sm_mnist_autoencoders.py frame --mnist-dir MNIST_DIR --minutes 6
     python bench/sm_mnist_autoencoders.py sequence --mnist-dir MNIST_DIR --minutes 6 \
-        [--dynamic-dim 40] [--pool mean] [--decoder-mlp 256] [--one-digit] [--curriculum 6] [--slots 2]
+        [--dynamic-dim 40] [--pool mean] [--decoder-mlp 256] [--one-digit | --ordered] [--curriculum 6]
+        [--slots 2] [--broadcast 8] [--film] [--dynamic-sees-static] [--window 8]
 
 - ``frame``: ConvFrameEncoder -> linear -> ConvFrameDecoder on single frames (batch 128
   frames): a free 40-number code per frame.
 - ``sequence``: the model's structure as a deterministic autoencoder (batch 8 sequences of 15):
   s = the static posterior's mean (or, ``--pool mean``, a linear map of the frame features'
-  mean over time), z_1:T = the dynamic posterior's mean rollout, the model's decoder;
-  ``--decoder-mlp H`` puts an MLP before the decoder's first 4x4 stage; ``--one-digit`` renders
-  one moving digit instead of two; ``--curriculum M`` trains on one digit for the first M
-  minutes, then on two; ``--slots K`` splits s and z_t into K parts and draws each pair with one
-  shared decoder, the frames combined as a union of the K drawings.
+  mean over time), z_1:T = the dynamic posterior's mean rollout, the model's decoder.
+  Data: ``--one-digit`` renders one moving digit instead of two; ``--ordered`` keeps the first
+  digit in the left half of the x range and the second in the right half; ``--curriculum M``
+  trains on one digit for the first M minutes, then on two; ``--window W`` trains on random
+  W-frame windows. Decoder: ``--decoder-mlp H`` puts an MLP before the first 4x4 stage;
+  ``--slots K`` splits s and z_t into K parts and draws each pair with one shared decoder, the
+  frames combined as a union of the K drawings; ``--broadcast G`` is a spatial-broadcast decoder
+  on a GxG grid; ``--film`` lets s modulate every decoder stage. Encoder:
+  ``--dynamic-sees-static`` feeds s to the dynamic posterior's LSTM at every step.
 
 Prints the test BCE per frame, a probe of the digits from s (sequence) or from the frame
 features (frame), and writes a PNG (per sequence: input, reconstruction, and for ``sequence``
-the reconstruction with the next sequence's s). Results: bench/RESULTS.md, fifth session.
+the reconstruction with the next sequence's s). Results: bench/RESULTS.md, fifth and sixth sessions.
 """
 import argparse
 import inspect
@@ -36,13 +41,77 @@ import cdsvae  # noqa: E402
 from data_prep import sm_mnist  # noqa: E402
 
 
-def one_digit_split(pool, count: int, seed: int) -> cdsvae.Split:
-    """SM-MNIST's renderer with its second digit dropped (label: digit_high; digit_low is 0)."""
-    source = inspect.getsource(sm_mnist.generate).replace("for slot in range(2):", "for slot in range(1):")
+VARIANTS = {
+    # the second digit dropped (label: digit_high; digit_low is 0)
+    "one-digit": {"for slot in range(2):": "for slot in range(1):"},
+    # two digits, the first always in the left half of the x range, the second in the right half
+    # (they bounce off the middle): the two identities come in a fixed order
+    "ordered": {
+        "for slot in range(2):": "for slot in range(2):\n            lo, hi = slot * (limit // 2), (slot + 1) * (limit // 2)",
+        "x, y = rng.integers(0, limit + 1, 2)": "x, y = rng.integers(lo, hi + 1), rng.integers(0, limit + 1)",
+        "if x < 0 or x > limit:": "if x < lo or x > hi:",
+        "x = min(max(x, 0), limit)": "x = min(max(x, lo), hi)",
+        "(1 if x == 0 else -1)": "(1 if x == lo else -1)",
+    },
+}
+
+
+def variant_split(pool, count: int, seed: int, variant: str) -> cdsvae.Split:
+    """SM-MNIST's renderer, changed as ``VARIANTS[variant]`` says."""
+    source = inspect.getsource(sm_mnist.generate)
+    for old, new in VARIANTS[variant].items():
+        assert old in source, old
+        source = source.replace(old, new)
     namespace = dict(vars(sm_mnist))
     exec(source, namespace)
     videos, labels, _ = namespace["generate"](*pool, count, seed, size=32, frames=15)
     return cdsvae.Split(videos, labels)
+
+
+class BroadcastDecoder(nn.Module):
+    """Spatial broadcast decoder (Watters et al. 2019), then transposed convs up to the frame."""
+
+    def __init__(self, cfg, grid: int, width: int = 64):
+        super().__init__()
+        self.grid = grid
+        latent = cfg.static_dim + cfg.dynamic_dim
+        ramp = torch.linspace(-1, 1, grid)
+        self.register_buffer("coords", torch.stack(torch.meshgrid(ramp, ramp, indexing="ij"))[None])
+        layers = [nn.Conv2d(latent + 2, width, 3, 1, 1), nn.LeakyReLU(0.2), nn.Conv2d(width, width, 3, 1, 1),
+                  nn.BatchNorm2d(width), nn.LeakyReLU(0.2)]
+        size = grid
+        while size < cfg.frame_shape[1] // 2:
+            layers += [nn.ConvTranspose2d(width, width // 2, 4, 2, 1, bias=False), nn.BatchNorm2d(width // 2),
+                       nn.LeakyReLU(0.2)]
+            width, size = width // 2, size * 2
+        layers += [nn.ConvTranspose2d(width, cfg.frame_shape[0], 4, 2, 1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, latent):
+        tiled = latent[:, :, None, None].expand(-1, -1, self.grid, self.grid)
+        return self.net(torch.cat([tiled, self.coords.expand(len(latent), -1, -1, -1)], 1))
+
+
+class FilmDecoder(nn.Module):
+    """The model's decoder with s also modulating every hidden stage, channel by channel
+    (FiLM: h * (1 + scale(s)) + shift(s)): a multiplicative meeting of s and z_t."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.static_dim = cfg.static_dim
+        self.stages = cdsvae.ConvFrameDecoder(cfg).net
+        widths = [m.num_features for m in self.stages if isinstance(m, nn.BatchNorm2d)]
+        self.film = nn.ModuleList(nn.Linear(cfg.static_dim, 2 * w) for w in widths)
+
+    def forward(self, latent):
+        static = latent[:, :self.static_dim]
+        h, films = latent[:, :, None, None], iter(self.film)
+        for layer in self.stages:
+            h = layer(h)
+            if isinstance(layer, nn.BatchNorm2d):
+                scale, shift = next(films)(static)[:, :, None, None].chunk(2, 1)
+                h = h * (1 + scale) + shift
+        return h
 
 
 def main():
@@ -54,10 +123,18 @@ def main():
     parser.add_argument("--pool", choices=("lstm", "mean"), default="lstm")
     parser.add_argument("--decoder-mlp", type=int, default=0)
     parser.add_argument("--one-digit", action="store_true")
+    parser.add_argument("--ordered", action="store_true", help="two digits, one in each half of the x range")
     parser.add_argument("--curriculum", type=float, default=0.0, help="minutes on one digit first")
     parser.add_argument("--slots", type=int, default=1,
                         help="sequence: split s and z_t into K parts, decode each pair [s_k, z_k] with one shared "
                              "decoder and combine the frames as a union (p = 1 - prod(1 - p_k))")
+    parser.add_argument("--broadcast", type=int, default=0,
+                        help="spatial-broadcast decoder: [s, z_t] tiled on a GxG grid with x, y coordinates, "
+                             "two 3x3 convs, then the model's transposed convs up to the frame")
+    parser.add_argument("--dynamic-sees-static", action="store_true",
+                        help="the dynamic posterior's LSTM also gets s at every step (DSVAE's 'full' q(z|x, f))")
+    parser.add_argument("--window", type=int, default=0, help="train on random windows of W frames")
+    parser.add_argument("--film", action="store_true", help="s also modulates every decoder stage (FiLM)")
     parser.add_argument("--png", type=Path, default=Path("autoencoder.png"))
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -67,26 +144,36 @@ def main():
     one_digit_train = None
     if args.one_digit or args.curriculum:
         pools = sm_mnist.digit_pools(args.mnist_dir)
-        one_digit_train = one_digit_split(pools["train"], 8000, 0).sequences
+        one_digit_train = variant_split(pools["train"], 8000, 0, "one-digit").sequences
         if args.one_digit:
-            data.train, data.test = one_digit_split(pools["train"], 8000, 0), one_digit_split(pools["test"], 2000, 10_000)
+            data.train = variant_split(pools["train"], 8000, 0, "one-digit")
+            data.test = variant_split(pools["test"], 2000, 10_000, "one-digit")
+    if args.ordered:
+        pools = sm_mnist.digit_pools(args.mnist_dir)
+        data.train = variant_split(pools["train"], 8000, 0, "ordered")
+        data.test = variant_split(pools["test"], 2000, 10_000, "ordered")
     overrides = {} if args.dynamic_dim is None else {"dynamic_dim": args.dynamic_dim}
     cfg = cdsvae.Config(**{**cdsvae.preset("sm-mnist", "cpu"), **overrides}, frame_shape=(1, 32, 32), frames=15)
     model = cdsvae.CDSVAE(cfg)
     latent = cfg.static_dim + cfg.dynamic_dim
     projection = nn.Linear(cfg.feature_dim, latent)            # frame: the free code
     pooler = nn.Linear(cfg.feature_dim, cfg.static_dim)         # sequence --pool mean
+    static_gates = nn.Linear(cfg.static_dim, 4 * cfg.hidden_dim, bias=False)   # --dynamic-sees-static
     if args.decoder_mlp:
         width = model.frame_decoder.net[0].out_channels
         model.frame_decoder.net[0] = nn.Sequential(
             nn.Flatten(), nn.Linear(latent, args.decoder_mlp), nn.LeakyReLU(0.2),
             nn.Linear(args.decoder_mlp, width * 16), nn.Unflatten(1, (width, 4, 4)))
+    if args.broadcast:
+        model.frame_decoder = BroadcastDecoder(cfg, args.broadcast)
+    if args.film:
+        model.frame_decoder = FilmDecoder(cfg)
     slot_decoder = None
     if args.slots > 1:
         slot_cfg = cdsvae.Config(**{**vars(cfg), "frame_shape": cfg.frame_shape,
                                     "static_dim": cfg.static_dim // args.slots, "dynamic_dim": cfg.dynamic_dim // args.slots})
         slot_decoder = cdsvae.ConvFrameDecoder(slot_cfg)
-    optimizer = torch.optim.Adam([*model.parameters(), *projection.parameters(), *pooler.parameters(),
+    optimizer = torch.optim.Adam([*model.parameters(), *projection.parameters(), *pooler.parameters(), *static_gates.parameters(),
                                   *(slot_decoder.parameters() if slot_decoder else [])], 2e-3)
 
     def decode_logits(static, dynamic):
@@ -103,7 +190,14 @@ def main():
     def code(x):          # sequence: (static, dynamic) of (B, T, C, H, W)
         features = model.encode_frames(x)
         static = pooler(features.mean(1)) if args.pool == "mean" else model.static_posterior(features)[0]
-        dynamic = model.dynamic_posterior(features, features.new_zeros(*features.shape[:2], cfg.dynamic_dim))[1]
+        zeros = features.new_zeros(*features.shape[:2], cfg.dynamic_dim)
+        if args.dynamic_sees_static:
+            posterior = model.dynamic_posterior
+            gates = posterior.input_proj(features) + static_gates(static).unsqueeze(1)
+            dynamic = cdsvae.lstm_sample_rollout(gates, posterior.recurrent.weight, posterior.head.weight,
+                                                 posterior.head.bias, zeros)[1]
+        else:
+            dynamic = model.dynamic_posterior(features, zeros)[1]
         return static, dynamic
 
     def frames(sequences, index):   # frame: one random frame of each chosen sequence
@@ -119,6 +213,9 @@ def main():
             early = one_digit_train is not None and time.time() - started < 60 * args.curriculum
             source = one_digit_train if early else data.train.sequences
             x = cdsvae.to_frames(source[np.sort(rng.choice(len(source), 8, replace=False))], "cpu")
+            if args.window:
+                start = int(rng.integers(0, x.shape[1] - args.window + 1))
+                x = x[:, start:start + args.window]
             logits = decode_logits(*code(x))
         loss = F.binary_cross_entropy_with_logits(logits, x, reduction="sum") / (x.numel() // 1024)
         optimizer.zero_grad()
