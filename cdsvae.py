@@ -155,6 +155,7 @@ def contrastive_mi(anchor: torch.Tensor, positive: torch.Tensor, tau: float) -> 
     log_prob_positive = logits[torch.arange(2 * batch, device=rows.device), partner] \
         - torch.logsumexp(logits, dim=1)
     return math.log(max(2 * batch - 1, 1)) + log_prob_positive.mean()
+# (the model calls it as ``infonce_mi``, section 6: on CUDA, the Triton kernel of kernels/infonce.py)
 
 
 def _pairwise_log_density(sample, mean, logvar) -> torch.Tensor:
