@@ -131,6 +131,14 @@ def video_tables(dataset: str, runs: dict, paper: dict) -> list:
             lines.append(f"| {name} | ours | " + " | ".join(cells) + " |")
         if key == paper_protocol:
             lines += paper_rows(paper, columns)
+    if all("all_static" in run["eval"] for run in runs.values()):   # every static factor right at once
+        lines += [f"\n### {dataset}: fixed_static, all static factors right", "", "| model | source | Acc |", "|---|---|---|"]
+        for name, run in runs.items():
+            joint = run["eval"]["all_static"]["fixed_static"]
+            lines.append(f"| {name} | ours | {fmt(joint['mean'], True)} ± {fmt(joint['std'], True)} |")
+        if paper_protocol == "fixed_static/digit_pair":      # the paper's pair of digits (ordered; ours order-free)
+            lines += paper_rows(paper, [("acc", True)]) + ["", f"(The paper's rows: {paper['note']}.)"]
+            keys.append(paper_protocol)
     if paper_protocol and paper_protocol not in keys:        # a protocol ours does not measure (yet)
         lines += [f"\n### {dataset}: the paper's {paper_protocol} (not measured by ours: {paper.get('note', '')})",
                   "", *header, *paper_rows(paper, columns)]

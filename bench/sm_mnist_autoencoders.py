@@ -4,7 +4,7 @@ alone with the Bernoulli likelihood (no KL, no MI), time-budgeted on one core.
     python bench/sm_mnist_autoencoders.py frame --mnist-dir MNIST_DIR --minutes 6
     python bench/sm_mnist_autoencoders.py sequence --mnist-dir MNIST_DIR --minutes 6 \
         [--dynamic-dim 40] [--pool mean] [--decoder-mlp 256] [--one-digit | --ordered] [--curriculum 6]
-        [--slots 2] [--broadcast 8] [--film] [--dynamic-sees-static] [--window 8]
+        [--slots 2] [--broadcast 8] [--film] [--glyphs 2 [--heatmap]] [--dynamic-sees-static] [--window 8]
 
 - ``frame``: ConvFrameEncoder -> linear -> ConvFrameDecoder on single frames (batch 128
   frames): a free 40-number code per frame.
@@ -17,12 +17,13 @@ alone with the Bernoulli likelihood (no KL, no MI), time-budgeted on one core.
   W-frame windows. Decoder: ``--decoder-mlp H`` puts an MLP before the first 4x4 stage;
   ``--slots K`` splits s and z_t into K parts and draws each pair with one shared decoder, the
   frames combined as a union of the K drawings; ``--broadcast G`` is a spatial-broadcast decoder
-  on a GxG grid; ``--film`` lets s modulate every decoder stage. Encoder:
+  on a GxG grid; ``--film`` lets s modulate every decoder stage; ``--glyphs K`` lets s draw K
+  glyphs that z_t places (one centre each, or with ``--heatmap`` a distribution over corners). Encoder:
   ``--dynamic-sees-static`` feeds s to the dynamic posterior's LSTM at every step.
 
 Prints the test BCE per frame, a probe of the digits from s (sequence) or from the frame
 features (frame), and writes a PNG (per sequence: input, reconstruction, and for ``sequence``
-the reconstruction with the next sequence's s). Results: bench/RESULTS.md, fifth and sixth sessions.
+the reconstruction with the next sequence's s). Results: bench/RESULTS.md, fifth, sixth and seventh sessions.
 """
 import argparse
 import inspect
@@ -92,6 +93,55 @@ class BroadcastDecoder(nn.Module):
         return self.net(torch.cat([tiled, self.coords.expand(len(latent), -1, -1, -1)], 1))
 
 
+class GlyphDecoder(nn.Module):
+    """s draws K glyphs, z_t places them: s splits into K parts, each drawn by one shared small
+    decoder as a glyph of half the frame's size; a linear map of z_t gives each glyph's centre;
+    the glyphs are moved there (a spatial transformer: ``affine_grid`` + ``grid_sample``) and
+    combined as a union, p = 1 - (1 - p_background) prod_k (1 - p_k). The generative process
+    of SM-MNIST written as a decoder: where a digit is, is an input of the drawing, not
+    something the decoder's convolutions must learn to do."""
+
+    def __init__(self, cfg, slots: int, heatmap: bool = False, width: int = 32):
+        super().__init__()
+        self.static_dim, self.slots = cfg.static_dim, slots
+        self.frame = cfg.frame_shape
+        self.glyph_size = cfg.frame_shape[1] // 2
+        part = cfg.static_dim // slots
+        layers = [nn.Linear(part, 2 * width * 16), nn.Unflatten(1, (2 * width, 4, 4)),
+                  nn.BatchNorm2d(2 * width), nn.LeakyReLU(0.2)]
+        size, channels = 4, 2 * width
+        while size < self.glyph_size // 2:
+            layers += [nn.ConvTranspose2d(channels, channels // 2, 4, 2, 1, bias=False), nn.BatchNorm2d(channels // 2),
+                       nn.LeakyReLU(0.2)]
+            channels, size = channels // 2, size * 2
+        layers += [nn.ConvTranspose2d(channels, cfg.frame_shape[0], 4, 2, 1)]
+        self.glyph = nn.Sequential(*layers)
+        self.heatmap = heatmap
+        self.places = cfg.frame_shape[1] - self.glyph_size + 1      # top-left corners a glyph can take
+        self.where = nn.Linear(cfg.dynamic_dim, 2 * slots) if not heatmap else nn.Sequential(
+            nn.Linear(cfg.dynamic_dim, 128), nn.LeakyReLU(0.2), nn.Linear(128, slots * self.places ** 2))
+        self.background = nn.Parameter(torch.tensor(-6.0))
+
+    def forward(self, latent):
+        static, dynamic = latent[:, :self.static_dim], latent[:, self.static_dim:]
+        N, K = len(latent), self.slots
+        glyphs = torch.sigmoid(self.glyph(static.reshape(N * K, -1)))           # (N K, C, g, g)
+        if self.heatmap:       # a distribution over top-left corners; the glyph drawn at each, weighted
+            where = torch.softmax(self.where(dynamic).view(N * K, -1), 1).view(1, N * K, self.places, self.places)
+            placed = F.conv_transpose2d(where, glyphs, groups=N * K).view(N, K, *self.frame)
+            log_none = torch.log1p(-placed * (1 - 1e-6)).sum(1) - F.softplus(self.background)
+            return torch.log(-torch.expm1(log_none)) - log_none
+        centres = 0.5 * torch.tanh(self.where(dynamic)).view(N * K, 2)            # in [-0.5, 0.5]
+        scale = self.frame[1] / self.glyph_size
+        theta = latent.new_zeros(N * K, 2, 3)
+        theta[:, 0, 0] = theta[:, 1, 1] = scale
+        theta[:, :, 2] = -scale * centres
+        grid = F.affine_grid(theta, (N * K, *self.frame), align_corners=False)
+        placed = F.grid_sample(glyphs, grid, align_corners=False).view(N, K, *self.frame)
+        log_none = torch.log1p(-placed * (1 - 1e-6)).sum(1) - F.softplus(self.background)
+        return torch.log(-torch.expm1(log_none)) - log_none
+
+
 class FilmDecoder(nn.Module):
     """The model's decoder with s also modulating every hidden stage, channel by channel
     (FiLM: h * (1 + scale(s)) + shift(s)): a multiplicative meeting of s and z_t."""
@@ -135,6 +185,12 @@ def main():
                         help="the dynamic posterior's LSTM also gets s at every step (DSVAE's 'full' q(z|x, f))")
     parser.add_argument("--window", type=int, default=0, help="train on random windows of W frames")
     parser.add_argument("--film", action="store_true", help="s also modulates every decoder stage (FiLM)")
+    parser.add_argument("--glyphs", type=int, default=0,
+                        help="glyph decoder: s draws K glyphs of half the frame's size, z_t gives their centres, "
+                             "a spatial transformer moves them there (GlyphDecoder)")
+    parser.add_argument("--heatmap", action="store_true",
+                        help="with --glyphs: z_t gives each glyph a distribution over its top-left corners "
+                             "(softmax), the glyph drawn at each, weighted (a transposed conv), instead of one centre")
     parser.add_argument("--png", type=Path, default=Path("autoencoder.png"))
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -158,7 +214,7 @@ def main():
     latent = cfg.static_dim + cfg.dynamic_dim
     projection = nn.Linear(cfg.feature_dim, latent)            # frame: the free code
     pooler = nn.Linear(cfg.feature_dim, cfg.static_dim)         # sequence --pool mean
-    static_gates = nn.Linear(cfg.static_dim, 4 * cfg.hidden_dim, bias=False)   # --dynamic-sees-static
+    static_gates = nn.Linear(cfg.static_dim, 4 * cfg.hidden_dim, bias=False) if args.dynamic_sees_static else None
     if args.decoder_mlp:
         width = model.frame_decoder.net[0].out_channels
         model.frame_decoder.net[0] = nn.Sequential(
@@ -168,12 +224,15 @@ def main():
         model.frame_decoder = BroadcastDecoder(cfg, args.broadcast)
     if args.film:
         model.frame_decoder = FilmDecoder(cfg)
+    if args.glyphs:
+        model.frame_decoder = GlyphDecoder(cfg, args.glyphs, args.heatmap)
     slot_decoder = None
     if args.slots > 1:
         slot_cfg = cdsvae.Config(**{**vars(cfg), "frame_shape": cfg.frame_shape,
                                     "static_dim": cfg.static_dim // args.slots, "dynamic_dim": cfg.dynamic_dim // args.slots})
         slot_decoder = cdsvae.ConvFrameDecoder(slot_cfg)
-    optimizer = torch.optim.Adam([*model.parameters(), *projection.parameters(), *pooler.parameters(), *static_gates.parameters(),
+    optimizer = torch.optim.Adam([*model.parameters(), *projection.parameters(), *pooler.parameters(),
+                                  *(static_gates.parameters() if static_gates else []),
                                   *(slot_decoder.parameters() if slot_decoder else [])], 2e-3)
 
     def decode_logits(static, dynamic):

@@ -1,6 +1,7 @@
 """The judge and the paper's evaluation protocol, end to end on small data."""
 import json
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,6 +19,27 @@ def small_data():
     test_videos, test_labels = shapes.render(48, 1, size=16)
     return cdsvae.Dataset("shapes", cdsvae.Split(videos, labels), cdsvae.Split(test_videos, test_labels),
                           shapes.KINDS, shapes.LABELS)
+
+
+def evaluate_toy(monkeypatch, judge, videos, labels, encode, decode, static_dim, **options):
+    """``evaluate`` with a stand-in model (``encode``, ``decode`` given as functions) on sequences
+    that carry their labels in pixels; generation samples zeros for the missing factor."""
+    class Model(torch.nn.Module):
+        cfg = cdsvae.Config(frame_shape=(1, 16, 16))
+
+        def encode(self, x):
+            return encode(x)
+
+        def decode(self, static, dynamic):
+            return decode(static, dynamic)
+
+    split = cdsvae.Split(videos, labels)
+    toy = cdsvae.Dataset("toy", split, split, judge.kinds, judge.classes)
+    monkeypatch.setattr(cdsvae, "to_frames", lambda seq, device: torch.as_tensor(np.array(seq)).permute(0, 1, 4, 2, 3))
+    monkeypatch.setattr(cdsvae, "generate", lambda model, static=None, dynamic=None, **kw:
+                        model.decode(static if static is not None else torch.zeros(dynamic.shape[0], static_dim),
+                                     dynamic if dynamic is not None else torch.zeros(static.shape[0], 3, 1)))
+    return cdsvae.evaluate(Model(), judge, toy, "cpu", **options)
 
 
 def test_judge_learns_the_shapes_factors_and_eval_reports_the_protocol(tmp_path):
@@ -69,35 +91,21 @@ def test_swap_accuracy_of_a_judge_is_checked_against_the_right_sources(monkeypat
     judge.kinds = {"colour": "static", "direction": "dynamic"}
     judge.eval = lambda: judge
 
-    class Encoded:
-        def __init__(self, x):
-            self.static_mean = x[:, 0, 0, 0, 6:7]
-            self.dynamic_mean = x[:, :, 0, 0, 7:8]
+    def encode(x):
+        return SimpleNamespace(static_mean=x[:, 0, 0, 0, 6:7], dynamic_mean=x[:, :, 0, 0, 7:8])
 
-    class Model(torch.nn.Module):
-        cfg = cdsvae.Config(frame_shape=(1, 16, 16))
-
-        def encode(self, x):
-            return Encoded(x)
-
-        def decode(self, static, dynamic):
-            frames = torch.zeros(static.shape[0], dynamic.shape[1], 1, 16, 16)
-            frames[:, :, 0, 0, 6] = static[:, :1]
-            frames[:, :, 0, 0, 7] = dynamic[..., 0]
-            return frames
+    def decode(static, dynamic):
+        frames = torch.zeros(static.shape[0], dynamic.shape[1], 1, 16, 16)
+        frames[:, :, 0, 0, 6] = static[:, :1]
+        frames[:, :, 0, 0, 7] = dynamic[..., 0]
+        return frames
 
     # sequences that carry their own labels in two pixels
     n = 40
     colour, direction = np.arange(n) % 6, (np.arange(n) // 3) % 2
     videos = np.zeros((n, 3, 16, 16, 1), np.float32)
     videos[:, :, 0, 6, 0], videos[:, :, 0, 7, 0] = colour[:, None], direction[:, None]
-    split = cdsvae.Split(videos, {"colour": colour, "direction": direction})
-    toy = cdsvae.Dataset("toy", split, split, judge.kinds, judge.classes)
-    monkeypatch.setattr(cdsvae, "to_frames", lambda seq, device: torch.as_tensor(np.array(seq)).permute(0, 1, 4, 2, 3))
-    monkeypatch.setattr(cdsvae, "generate", lambda model, static=None, dynamic=None, **kw:
-                        model.decode(static if static is not None else torch.zeros(dynamic.shape[0], 1),
-                                     dynamic if dynamic is not None else torch.zeros(static.shape[0], 3, 1)))
-    report = cdsvae.evaluate(Model(), judge, toy, "cpu")
+    report = evaluate_toy(monkeypatch, judge, videos, {"colour": colour, "direction": direction}, encode, decode, 1)
     assert report["results"]["swap/colour"]["acc"]["mean"] == 1.0
     assert report["results"]["swap/direction"]["acc"]["mean"] == 1.0
     assert report["results"]["fixed_dynamic/direction"]["acc"]["mean"] == 1.0
@@ -134,3 +142,47 @@ def test_eval_cli_writes_json_and_rejects_a_bad_judge(tmp_path):
     result = runner.invoke(cdsvae.app, ["eval", "--ckpt", str(tmp_path / "m.pt"), "--judge", str(tmp_path / "m.pt"),
                                         *data_args, "--device", "cpu"])
     assert result.exit_code == 2 and result.output.startswith("error: ") and "not a cdsvae judge" in result.output
+
+
+def test_all_static_accuracy_counts_generations_with_every_static_factor_right(monkeypatch):
+    """Two static factors, each drawn wrong for a different, overlapping set of sequences: the
+    joint accuracy is the share right on both (not the product or the minimum of the two)."""
+    class Oracle(torch.nn.Module):
+        """A perfect judge: colour in pixel (0, 5), shape in (0, 6), direction in (0, 7)."""
+
+        def forward(self, x):
+            pixels = x[:, 0, 0, 0].long()
+            one_hot = torch.nn.functional.one_hot
+            return {"colour": one_hot(pixels[:, 5], 6).float() * 50, "shape": one_hot(pixels[:, 6], 4).float() * 50,
+                    "direction": one_hot(pixels[:, 7], 2).float() * 50}
+
+    judge = Oracle()
+    judge.classes = {"colour": shapes.COLOURS, "shape": shapes.SHAPES, "direction": shapes.DIRECTIONS}
+    judge.kinds = {"colour": "static", "shape": "static", "direction": "dynamic"}
+    judge.eval = lambda: judge
+
+    def encode(x):                                   # s: index, colour, shape
+        return SimpleNamespace(static_mean=x[:, 0, 0, 0, 4:7], dynamic_mean=x[:, :, 0, 0, 7:8])
+
+    def decode(static, dynamic):
+        """Draws the colour wrong for sequences 0-9 and the shape wrong for 5-16."""
+        index = static[:, 0]
+        frames = torch.zeros(static.shape[0], dynamic.shape[1], 1, 16, 16)
+        frames[:, :, 0, 0, 5] = ((static[:, 1] + (index < 10).float()) % 6)[:, None]
+        frames[:, :, 0, 0, 6] = ((static[:, 2] + ((index >= 5) & (index < 17)).float()) % 3)[:, None]
+        frames[:, :, 0, 0, 7] = dynamic[..., 0]
+        return frames
+
+    n = 40
+    colour, shape, direction = np.arange(n) % 6, (np.arange(n) // 2) % 3, (np.arange(n) // 3) % 2
+    videos = np.zeros((n, 3, 16, 16, 1), np.float32)
+    videos[:, :, 0, 4, 0], videos[:, :, 0, 5, 0] = np.arange(n)[:, None], colour[:, None]
+    videos[:, :, 0, 6, 0], videos[:, :, 0, 7, 0] = shape[:, None], direction[:, None]
+    labels = {"colour": colour, "shape": shape, "direction": direction}
+    report = evaluate_toy(monkeypatch, judge, videos, labels, encode, decode, 3, repeat=2)
+    assert report["results"]["fixed_static/colour"]["acc"]["mean"] == 30 / 40
+    assert report["results"]["fixed_static/shape"]["acc"]["mean"] == 28 / 40
+    for name in ("fixed_static", "swap"):            # sequences 0-16 have a factor wrong
+        assert report["all_static"][name] == {"mean": 23 / 40, "std": 0.0}
+    assert "fixed_dynamic" not in report["all_static"]
+    assert "| fixed_static/all static factors right | 0.575 ± 0.000 | | | |" in cdsvae.evaluation_table(report)

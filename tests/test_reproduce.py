@@ -122,3 +122,19 @@ def test_learning_curves_plots_the_logged_validation_scores(tmp_path):
                              str(tmp_path / "x.png")], capture_output=True, text=True, timeout=60)
     assert failed.returncode == 1 and failed.stderr.strip().startswith("error:") and "--eval-every" in failed.stderr
     assert not (tmp_path / "x.png").exists()
+
+
+def test_reproduce_puts_the_papers_digit_pair_rows_beside_our_all_static_accuracy():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import reproduce as module
+
+    paper = json.loads((ROOT / "bench" / "paper_results.json").read_text())["sm-mnist"]
+    metrics = {m: {"mean": 0.5, "std": 0.0} for m in ("acc", "is", "h_yx", "h_y")}
+    results = {"fixed_static/digit_low": metrics, "fixed_static/digit_high": metrics, "swap/digit_low": metrics}
+    runs = {"C-DSVAE": {"eval": {"results": results, "all_static": {"fixed_static": {"mean": 0.25, "std": 0.01},
+                                                                      "swap": {"mean": 0.3, "std": 0.0}}}}}
+    text = "\n".join(module.video_tables("sm-mnist", runs, paper))
+    assert "### sm-mnist: fixed_static, all static factors right" in text
+    assert "| C-DSVAE | ours | 25.00% ± 1.00% |" in text
+    assert "| C-DSVAE | paper, Tables 3 and 5 | 97.84% |" in text and "| DSVAE | paper, Tables 3 and 5 | 88.19% |" in text
+    assert "not measured by ours" not in text
