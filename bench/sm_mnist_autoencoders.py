@@ -69,6 +69,12 @@ def variant_split(pool, count: int, seed: int, variant: str) -> cdsvae.Split:
     return cdsvae.Split(videos, labels)
 
 
+def union_logits(log_none):
+    """Logits of p = 1 - exp(log_none), where log_none = log prod_k (1 - p_k) < 0: the union of
+    K drawings, each pixel drawn unless no drawing has it."""
+    return torch.log(-torch.expm1(log_none)) - log_none
+
+
 class BroadcastDecoder(nn.Module):
     """Spatial broadcast decoder (Watters et al. 2019), then transposed convs up to the frame."""
 
@@ -129,17 +135,20 @@ class GlyphDecoder(nn.Module):
         if self.heatmap:       # a distribution over top-left corners; the glyph drawn at each, weighted
             where = torch.softmax(self.where(dynamic).view(N * K, -1), 1).view(1, N * K, self.places, self.places)
             placed = F.conv_transpose2d(where, glyphs, groups=N * K).view(N, K, *self.frame)
-            log_none = torch.log1p(-placed * (1 - 1e-6)).sum(1) - F.softplus(self.background)
-            return torch.log(-torch.expm1(log_none)) - log_none
+        else:
+            placed = self.moved(glyphs, dynamic).view(N, K, *self.frame)
+        return union_logits(torch.log1p(-placed * (1 - 1e-6)).sum(1) - F.softplus(self.background))
+
+    def moved(self, glyphs, dynamic):
+        """Each glyph moved to the centre a linear map of z_t gives (a spatial transformer)."""
+        N, K = len(dynamic), self.slots
         centres = 0.5 * torch.tanh(self.where(dynamic)).view(N * K, 2)            # in [-0.5, 0.5]
         scale = self.frame[1] / self.glyph_size
-        theta = latent.new_zeros(N * K, 2, 3)
+        theta = dynamic.new_zeros(N * K, 2, 3)
         theta[:, 0, 0] = theta[:, 1, 1] = scale
         theta[:, :, 2] = -scale * centres
         grid = F.affine_grid(theta, (N * K, *self.frame), align_corners=False)
-        placed = F.grid_sample(glyphs, grid, align_corners=False).view(N, K, *self.frame)
-        log_none = torch.log1p(-placed * (1 - 1e-6)).sum(1) - F.softplus(self.background)
-        return torch.log(-torch.expm1(log_none)) - log_none
+        return F.grid_sample(glyphs, grid, align_corners=False)
 
 
 class FilmDecoder(nn.Module):
@@ -243,8 +252,7 @@ def main():
         for s_k, z_k in zip(static.chunk(args.slots, 1), dynamic.chunk(args.slots, 2)):
             inputs = torch.cat([s_k.unsqueeze(1).expand(-1, T, -1), z_k], -1).flatten(0, 1)
             log_none = log_none - F.softplus(slot_decoder(inputs))
-        log_none = log_none.clamp(max=-1e-6)
-        return (torch.log(-torch.expm1(log_none)) - log_none).view(B, T, *log_none.shape[1:])
+        return union_logits(log_none.clamp(max=-1e-6)).view(B, T, *log_none.shape[1:])
 
     def code(x):          # sequence: (static, dynamic) of (B, T, C, H, W)
         features = model.encode_frames(x)
