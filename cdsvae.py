@@ -9,9 +9,11 @@ Bai, Wang & Gomes, NeurIPS 2021. One file, readable top to bottom:
        named steps: encode_views, sample_posterior, elbo_terms, mi_static_data, mi_dynamic_data,
        negative_eq6
     5. Using a trained model: encode, decode, swap, generate, fixed-factor draws, interpolation
-    6. Data, latent probe, metrics (EER, IS, entropies), the judge and the evaluation protocol,
+    6. Frame networks: the per-frame encoder and decoder (DCGAN convs for video, an MLP for
+       feature frames)
+    7. Data, latent probe, metrics (EER, IS, entropies), the judge and the evaluation protocol,
        checkpoints, the training loop (resume, non-finite steps, DDP, bf16)
-    7. The command line (Typer): prepare, train, judge, eval, encode, swap, sample, generate,
+    8. The command line (Typer): prepare, train, judge, eval, encode, swap, sample, generate,
        interpolate
 
 A sequence is ``x_1:T``. ``s`` is the static latent (who), ``z_1:T`` the dynamic latents (what
@@ -156,7 +158,7 @@ def contrastive_mi(anchor: torch.Tensor, positive: torch.Tensor, tau: float) -> 
     log_prob_positive = logits[torch.arange(2 * batch, device=rows.device), partner] \
         - torch.logsumexp(logits, dim=1)
     return math.log(max(2 * batch - 1, 1)) + log_prob_positive.mean()
-# (the model calls it as ``infonce_mi``, section 6: on CUDA, the Triton kernel of kernels/infonce.py)
+# (the model calls it as ``infonce_mi``, section 7: on CUDA, the Triton kernel of kernels/infonce.py)
 
 
 def _pairwise_log_density(sample, mean, logvar) -> torch.Tensor:
@@ -285,71 +287,7 @@ def motion_augment(x: torch.Tensor, generator=None) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. The model
-
-
-class ConvFrameEncoder(nn.Module):
-    """DCGAN-style frame encoder: 4x4 stride-2 convs with BatchNorm and LeakyReLU(0.2) down to
-    4x4, then a 4x4 conv to the frame feature."""
-
-    def __init__(self, cfg: Config):
-        super().__init__()
-        channels, size = cfg.frame_shape[0], cfg.frame_shape[1]
-        layers, width_in, width = [], channels, cfg.conv_width
-        for i in range(int(math.log2(size)) - 2):
-            layers += [nn.Conv2d(width_in, width, 4, 2, 1, bias=False)]
-            layers += [nn.BatchNorm2d(width)] if i > 0 else []
-            layers += [nn.LeakyReLU(0.2)]
-            width_in, width = width, width * 2
-        layers += [nn.Conv2d(width_in, cfg.feature_dim, 4, 1, 0, bias=False),
-                   nn.BatchNorm2d(cfg.feature_dim), nn.Tanh()]
-        self.net = nn.Sequential(*layers).to(memory_format=torch.channels_last)
-
-    def forward(self, frames):                                  # (N, C, H, W) -> (N, F)
-        # channels-last is the faster layout for CPU (oneDNN) and GPU convolutions alike
-        return self.net(frames.contiguous(memory_format=torch.channels_last)).flatten(1)
-
-
-class ConvFrameDecoder(nn.Module):
-    """Mirror of the encoder: transposed convs up from 1x1 to the frame, sigmoid output."""
-
-    def __init__(self, cfg: Config):
-        super().__init__()
-        channels, size = cfg.frame_shape[0], cfg.frame_shape[1]
-        n_up = int(math.log2(size)) - 2
-        width = cfg.conv_width * 2 ** (n_up - 1)
-        layers = [nn.ConvTranspose2d(cfg.static_dim + cfg.dynamic_dim, width, 4, 1, 0, bias=False),
-                  nn.BatchNorm2d(width), nn.LeakyReLU(0.2)]
-        for _ in range(n_up - 1):
-            layers += [nn.ConvTranspose2d(width, width // 2, 4, 2, 1, bias=False),
-                       nn.BatchNorm2d(width // 2), nn.LeakyReLU(0.2)]
-            width //= 2
-        layers += [nn.ConvTranspose2d(width, channels, 4, 2, 1)]       # logits; decode applies the sigmoid
-        self.net = nn.Sequential(*layers).to(memory_format=torch.channels_last)
-
-    def forward(self, latent):                                  # (N, Ds + Dz) -> (N, C, H, W) logits
-        first = latent[:, :, None, None].contiguous(memory_format=torch.channels_last)
-        return self.net(first).contiguous()
-
-
-class MlpFrameCoder(nn.Module):
-    """Frame encoder (``squash``: tanh features) or decoder for feature-vector frames (e.g.
-    spectrogram frames): one hidden layer of ``cfg.mlp_width``."""
-
-    def __init__(self, cfg: Config, inputs: int, outputs: int, squash: bool):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(inputs, cfg.mlp_width), nn.LeakyReLU(0.2),
-                                 nn.Linear(cfg.mlp_width, outputs), *([nn.Tanh()] if squash else []))
-
-    def forward(self, frames):
-        return self.net(frames)
-
-
-def frame_encoder(cfg: Config) -> nn.Module:
-    """The per-frame feature extractor: DCGAN convs for video, an MLP for feature frames."""
-    if cfg.is_video:
-        return ConvFrameEncoder(cfg)
-    return MlpFrameCoder(cfg, cfg.frame_shape[0], cfg.feature_dim, squash=True)
+# 4. The model (its per-frame encoder and decoder networks: section 6)
 
 
 class StaticPosterior(nn.Module):
@@ -460,8 +398,7 @@ class CDSVAE(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.frame_encoder = frame_encoder(cfg)
-        self.frame_decoder = ConvFrameDecoder(cfg) if cfg.is_video else \
-            MlpFrameCoder(cfg, cfg.static_dim + cfg.dynamic_dim, cfg.frame_shape[0], squash=False)
+        self.frame_decoder = frame_decoder(cfg)
         self.static_posterior = StaticPosterior(cfg)
         self.dynamic_posterior = DynamicPosterior(cfg)
         self.dynamic_prior = DynamicPrior(cfg)
@@ -697,7 +634,83 @@ def interpolate(model: CDSVAE, a, b, latent: str, steps: int):
 
 
 # ----------------------------------------------------------------------------------------------
-# 6. Data, the latent probe, metrics, the judge and evaluation, checkpoints, training
+# 6. Frame networks: the per-frame encoder and decoder of section 4 (DCGAN-style for video, an MLP
+#    for feature frames)
+
+
+class ConvFrameEncoder(nn.Module):
+    """DCGAN-style frame encoder: 4x4 stride-2 convs with BatchNorm and LeakyReLU(0.2) down to
+    4x4, then a 4x4 conv to the frame feature."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        channels, size = cfg.frame_shape[0], cfg.frame_shape[1]
+        layers, width_in, width = [], channels, cfg.conv_width
+        for i in range(int(math.log2(size)) - 2):
+            layers += [nn.Conv2d(width_in, width, 4, 2, 1, bias=False)]
+            layers += [nn.BatchNorm2d(width)] if i > 0 else []
+            layers += [nn.LeakyReLU(0.2)]
+            width_in, width = width, width * 2
+        layers += [nn.Conv2d(width_in, cfg.feature_dim, 4, 1, 0, bias=False),
+                   nn.BatchNorm2d(cfg.feature_dim), nn.Tanh()]
+        self.net = nn.Sequential(*layers).to(memory_format=torch.channels_last)
+
+    def forward(self, frames):                                  # (N, C, H, W) -> (N, F)
+        # channels-last is the faster layout for CPU (oneDNN) and GPU convolutions alike
+        return self.net(frames.contiguous(memory_format=torch.channels_last)).flatten(1)
+
+
+class ConvFrameDecoder(nn.Module):
+    """Mirror of the encoder: transposed convs up from 1x1 to the frame; returns logits."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        channels, size = cfg.frame_shape[0], cfg.frame_shape[1]
+        n_up = int(math.log2(size)) - 2
+        width = cfg.conv_width * 2 ** (n_up - 1)
+        layers = [nn.ConvTranspose2d(cfg.static_dim + cfg.dynamic_dim, width, 4, 1, 0, bias=False),
+                  nn.BatchNorm2d(width), nn.LeakyReLU(0.2)]
+        for _ in range(n_up - 1):
+            layers += [nn.ConvTranspose2d(width, width // 2, 4, 2, 1, bias=False),
+                       nn.BatchNorm2d(width // 2), nn.LeakyReLU(0.2)]
+            width //= 2
+        layers += [nn.ConvTranspose2d(width, channels, 4, 2, 1)]       # logits; decode applies the sigmoid
+        self.net = nn.Sequential(*layers).to(memory_format=torch.channels_last)
+
+    def forward(self, latent):                                  # (N, Ds + Dz) -> (N, C, H, W) logits
+        first = latent[:, :, None, None].contiguous(memory_format=torch.channels_last)
+        return self.net(first).contiguous()
+
+
+class MlpFrameCoder(nn.Module):
+    """Frame encoder (``squash``: tanh features) or decoder for feature-vector frames (e.g.
+    spectrogram frames): one hidden layer of ``cfg.mlp_width``."""
+
+    def __init__(self, cfg: Config, inputs: int, outputs: int, squash: bool):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(inputs, cfg.mlp_width), nn.LeakyReLU(0.2),
+                                 nn.Linear(cfg.mlp_width, outputs), *([nn.Tanh()] if squash else []))
+
+    def forward(self, frames):
+        return self.net(frames)
+
+
+def frame_encoder(cfg: Config) -> nn.Module:
+    """The per-frame feature extractor: DCGAN convs for video, an MLP for feature frames."""
+    if cfg.is_video:
+        return ConvFrameEncoder(cfg)
+    return MlpFrameCoder(cfg, cfg.frame_shape[0], cfg.feature_dim, squash=True)
+
+
+def frame_decoder(cfg: Config) -> nn.Module:
+    """p(x_t | z_t, s)'s network from [s, z_t]: transposed convs for video, an MLP for feature frames."""
+    if cfg.is_video:
+        return ConvFrameDecoder(cfg)
+    return MlpFrameCoder(cfg, cfg.static_dim + cfg.dynamic_dim, cfg.frame_shape[0], squash=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. Data, the latent probe, metrics, the judge and evaluation, checkpoints, training
 
 
 class UserError(Exception):
@@ -1910,7 +1923,7 @@ def _progress(enabled: bool):
 
 
 # ----------------------------------------------------------------------------------------------
-# 7. The command line
+# 8. The command line
 
 import typer  # noqa: E402  (kept beside the CLI it serves)
 
