@@ -150,6 +150,7 @@ def download(cache_dir: str | Path, show_progress: bool = True) -> Path:
     """Fetch the four standard MNIST files into ``cache_dir`` (each verified by its MD5 sum and
     then renamed into place; files already there and verified are kept). Without network: a
     one-line MnistError naming where the files could be put instead, and nothing left behind."""
+    from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
     cache_dir = Path(cache_dir)
@@ -160,7 +161,9 @@ def download(cache_dir: str | Path, show_progress: bool = True) -> Path:
     created = [folder for folder in (cache_dir, *cache_dir.parents) if not folder.exists()]   # deepest first
     cache_dir.mkdir(parents=True, exist_ok=True)
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
-    with Progress(*columns, disable=not show_progress, transient=True) as progress:
+    console = Console()                     # a transient bar only on a terminal: nothing in a redirected log
+    with Progress(*columns, console=console, disable=not (show_progress and console.is_terminal),
+                  transient=True) as progress:
         for name in missing:
             target, partial = cache_dir / name, cache_dir / (name + ".part")
             try:

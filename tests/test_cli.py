@@ -179,7 +179,9 @@ def test_sm_mnist_without_network_or_files_is_one_line_and_writes_nothing(tmp_pa
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     assert_user_error(run("train", "--data", "sm-mnist", "--out", tmp_path / "run"),
                       "could not download MNIST", "--data-dir", "CDSVAE_DATA", str(tmp_path / "cache"))
-    assert_user_error(run("prepare", "sm-mnist", "--out", tmp_path / "prepared"), "could not download MNIST")
+    result = run("prepare", "sm-mnist", "--out", tmp_path / "prepared")
+    assert_user_error(result, "could not download MNIST")
+    assert result.output.startswith("error: "), "nothing (not even the download's empty bar) before the error"
     assert sorted(p.name for p in tmp_path.iterdir()) == []      # no run, no prepared folder, no cache
 
 
