@@ -7,7 +7,11 @@ For a checkpoint, a batch of training sequences and (optionally) a judge:
 - with ``--judge``: the confusion matrix of the judge on fixed-dynamic generations of the test
   split (z_1:T the posterior mean, s ~ p(s)) for ``--factor``: which classes the static latent
   takes over; and for swaps, whether the judged class (and each part of a class name such as
-  "walk-left") follows the z source or the s source.
+  "walk-left") follows the z source or the s source;
+- with ``--judge`` and ``--static-factor``: in the same swaps, how often that static factor is
+  judged wrong, split by whether the two sources share the dynamic class, only a part of it
+  (e.g. the direction of "walk-left"), or nothing: a static factor learned together with a
+  dynamic part held in s goes wrong where z draws another one (bench/RESULTS.md, ninth session).
 
     python bench/diagnose.py --ckpt RUN/last.pt --data-dir SPRITES32 --judge judge.pt
 """
@@ -91,12 +95,43 @@ def swap_sources(model, judge, data, factor: str, seed: int = 0) -> dict:
     return report
 
 
+@torch.no_grad()
+def static_errors_by_dynamic_match(model, judge, data, static_factor: str, dynamic_factor: str,
+                                   seed: int = 0) -> dict:
+    """The swaps of ``swap_sources`` (same partners): the share of ``static_factor`` judged
+    wrong, over the pairs whose sources have the same ``dynamic_factor`` class, and for each part
+    of its class names, over the pairs that differ in the class but share that part or not."""
+    truth, dynamic = np.asarray(data.test.labels[static_factor]), np.asarray(data.test.labels[dynamic_factor])
+    partners = torch.randperm(len(truth), generator=torch.Generator().manual_seed(seed)).numpy()
+    judged = []
+    for start in range(0, len(truth), 256):
+        x = cdsvae.to_frames(data.test.sequences[start:start + 256], "cpu")
+        other = cdsvae.to_frames(data.test.sequences[partners[start:start + 256]], "cpu")
+        frames = model.decode(model.encode(x).static_mean, model.encode(other).dynamic_mean)
+        judged.append(cdsvae.judge_probabilities(judge, frames)[static_factor].argmax(1))
+    wrong = np.concatenate(judged) != truth
+
+    def share(mask):
+        return {"pairs": int(mask.sum()), "wrong": round(float(wrong[mask].mean()), 4) if mask.any() else None}
+
+    same = dynamic == dynamic[partners]
+    report = {f"same {dynamic_factor}": share(same)}
+    names = [name.split("-") for name in data.classes[dynamic_factor]]
+    for part in range(min(len(n) for n in names) if all(len(n) > 1 for n in names) else 0):
+        value = np.array([n[part] for n in names])
+        shared = value[dynamic] == value[dynamic[partners]]
+        report[f"other {dynamic_factor}, part {part} shared"] = share(~same & shared)
+        report[f"other {dynamic_factor}, part {part} differs"] = share(~same & ~shared)
+    return report
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ckpt", required=True)
     parser.add_argument("--data-dir", required=True)
     parser.add_argument("--judge")
     parser.add_argument("--factor", default="action")
+    parser.add_argument("--static-factor", help="with --judge: its swap errors by the --factor match of the sources")
     parser.add_argument("--batch", type=int, default=32)
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -117,6 +152,10 @@ def main():
                           "confusion": confusion.tolist(),
                           "accuracy": round(float(np.trace(confusion) / confusion.sum()), 4)}))
         print(json.dumps({"swap_sources": swap_sources(model, judge, data, args.factor)}))
+        if args.static_factor:
+            print(json.dumps({"static_errors": args.static_factor, "by_match_of": args.factor,
+                              **static_errors_by_dynamic_match(model, judge, data, args.static_factor,
+                                                               args.factor)}))
 
 
 if __name__ == "__main__":
