@@ -70,19 +70,27 @@ def fixed_dynamic_confusion(model, judge, data, factor: str, seed: int = 0) -> n
 
 
 @torch.no_grad()
+def swap_judgements(model, judge, data, factor: str, seed: int = 0) -> tuple:
+    """Swaps of the test split (s of each sequence, z of a random other, ``seed``): the partners'
+    indices and the judge's class for ``factor`` of every swap."""
+    count = len(data.test.sequences)
+    partners = torch.randperm(count, generator=torch.Generator().manual_seed(seed)).numpy()
+    judged = []
+    for start in range(0, count, 256):
+        x = cdsvae.to_frames(data.test.sequences[start:start + 256], "cpu")
+        other = cdsvae.to_frames(data.test.sequences[partners[start:start + 256]], "cpu")
+        frames = model.decode(model.encode(x).static_mean, model.encode(other).dynamic_mean)
+        judged.append(cdsvae.judge_probabilities(judge, frames)[factor].argmax(1))
+    return partners, np.concatenate(judged)
+
+
 def swap_sources(model, judge, data, factor: str, seed: int = 0) -> dict:
     """Swaps (s of each test sequence, z of a random other): how often the judged class is the
     z source's and how often the s source's; for class names made of parts ("walk-left"), the
     same per part, over the pairs whose sources differ in that part."""
     truth = np.asarray(data.test.labels[factor])
-    partners = torch.randperm(len(truth), generator=torch.Generator().manual_seed(seed)).numpy()
-    judged = []
-    for start in range(0, len(truth), 256):
-        x = cdsvae.to_frames(data.test.sequences[start:start + 256], "cpu")
-        other = cdsvae.to_frames(data.test.sequences[partners[start:start + 256]], "cpu")
-        frames = model.decode(model.encode(x).static_mean, model.encode(other).dynamic_mean)
-        judged.append(cdsvae.judge_probabilities(judge, frames)[factor].argmax(1))
-    judged, from_s, from_z = np.concatenate(judged), truth, truth[partners]
+    partners, judged = swap_judgements(model, judge, data, factor, seed)
+    from_s, from_z = truth, truth[partners]
     report = {"follows_z": round(float((judged == from_z).mean()), 4),
               "follows_s": round(float((judged == from_s).mean()), 4)}
     names = [name.split("-") for name in data.classes[factor]]
@@ -95,21 +103,14 @@ def swap_sources(model, judge, data, factor: str, seed: int = 0) -> dict:
     return report
 
 
-@torch.no_grad()
 def static_errors_by_dynamic_match(model, judge, data, static_factor: str, dynamic_factor: str,
                                    seed: int = 0) -> dict:
-    """The swaps of ``swap_sources`` (same partners): the share of ``static_factor`` judged
+    """The swaps of ``swap_judgements`` (the partners of ``swap_sources``): the share of ``static_factor`` judged
     wrong, over the pairs whose sources have the same ``dynamic_factor`` class, and for each part
     of its class names, over the pairs that differ in the class but share that part or not."""
     truth, dynamic = np.asarray(data.test.labels[static_factor]), np.asarray(data.test.labels[dynamic_factor])
-    partners = torch.randperm(len(truth), generator=torch.Generator().manual_seed(seed)).numpy()
-    judged = []
-    for start in range(0, len(truth), 256):
-        x = cdsvae.to_frames(data.test.sequences[start:start + 256], "cpu")
-        other = cdsvae.to_frames(data.test.sequences[partners[start:start + 256]], "cpu")
-        frames = model.decode(model.encode(x).static_mean, model.encode(other).dynamic_mean)
-        judged.append(cdsvae.judge_probabilities(judge, frames)[static_factor].argmax(1))
-    wrong = np.concatenate(judged) != truth
+    partners, judged = swap_judgements(model, judge, data, static_factor, seed)
+    wrong = judged != truth
 
     def share(mask):
         return {"pairs": int(mask.sum()), "wrong": round(float(wrong[mask].mean()), 4) if mask.any() else None}
