@@ -105,9 +105,10 @@ def swap_sources(model, judge, data, factor: str, seed: int = 0) -> dict:
 
 def static_errors_by_dynamic_match(model, judge, data, static_factor: str, dynamic_factor: str,
                                    seed: int = 0) -> dict:
-    """The swaps of ``swap_judgements`` (the partners of ``swap_sources``): the share of ``static_factor`` judged
-    wrong, over the pairs whose sources have the same ``dynamic_factor`` class, and for each part
-    of its class names, over the pairs that differ in the class but share that part or not."""
+    """The swaps of ``swap_judgements`` (the partners of ``swap_sources``): the share of
+    ``static_factor`` judged wrong, over the pairs whose sources have the same ``dynamic_factor``
+    class, and for each part of its class names, over the pairs that differ in the class but
+    share that part or not."""
     truth, dynamic = np.asarray(data.test.labels[static_factor]), np.asarray(data.test.labels[dynamic_factor])
     partners, judged = swap_judgements(model, judge, data, static_factor, seed)
     wrong = judged != truth
@@ -126,6 +127,12 @@ def static_errors_by_dynamic_match(model, judge, data, static_factor: str, dynam
     return report
 
 
+def fail(message: str) -> None:
+    """Bad input: one line on stderr, exit status 2."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ckpt", required=True)
@@ -141,7 +148,10 @@ def main():
         data = cdsvae.load_dataset(None, args.data_dir)
         judge = cdsvae.load_judge(args.judge, "cpu", data.frame_shape) if args.judge else None
     except cdsvae.UserError as error:
-        sys.exit(f"error: {error}")
+        fail(str(error))
+    for name in (args.factor, args.static_factor):
+        if name is not None and name not in data.classes:
+            fail(f"no factor '{name}' in {args.data_dir}; expected one of {', '.join(data.classes)}")
     trained = copy.deepcopy(model).train()        # the training step's BatchNorm and sampling, on a
     trained.cfg.dataset_size = len(data.train.sequences)   # copy: its batch statistics stay out of model
     x = cdsvae.to_frames(data.train.sequences[:args.batch], "cpu")
