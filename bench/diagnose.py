@@ -70,9 +70,9 @@ def fixed_dynamic_confusion(model, judge, data, factor: str, seed: int = 0) -> n
 
 
 @torch.no_grad()
-def swap_judgements(model, judge, data, factor: str, seed: int = 0) -> tuple:
+def swap_judgements(model, judge, data, seed: int = 0) -> tuple:
     """Swaps of the test split (s of each sequence, z of a random other, ``seed``): the partners'
-    indices and the judge's class for ``factor`` of every swap."""
+    indices and, per factor, the judge's class of every swap."""
     count = len(data.test.sequences)
     partners = torch.randperm(count, generator=torch.Generator().manual_seed(seed)).numpy()
     judged = []
@@ -80,16 +80,16 @@ def swap_judgements(model, judge, data, factor: str, seed: int = 0) -> tuple:
         x = cdsvae.to_frames(data.test.sequences[start:start + 256], "cpu")
         other = cdsvae.to_frames(data.test.sequences[partners[start:start + 256]], "cpu")
         frames = model.decode(model.encode(x).static_mean, model.encode(other).dynamic_mean)
-        judged.append(cdsvae.judge_probabilities(judge, frames)[factor].argmax(1))
-    return partners, np.concatenate(judged)
+        judged.append({f: p.argmax(1) for f, p in cdsvae.judge_probabilities(judge, frames).items()})
+    return partners, {f: np.concatenate([batch[f] for batch in judged]) for f in judged[0]}
 
 
-def swap_sources(model, judge, data, factor: str, seed: int = 0) -> dict:
-    """Swaps (s of each test sequence, z of a random other): how often the judged class is the
-    z source's and how often the s source's; for class names made of parts ("walk-left"), the
-    same per part, over the pairs whose sources differ in that part."""
+def swap_sources(swaps: tuple, data, factor: str) -> dict:
+    """Swaps (``swap_judgements``: s of each test sequence, z of a random other): how often the
+    judged class is the z source's and how often the s source's; for class names made of parts
+    ("walk-left"), the same per part, over the pairs whose sources differ in that part."""
     truth = np.asarray(data.test.labels[factor])
-    partners, judged = swap_judgements(model, judge, data, factor, seed)
+    partners, judged = swaps[0], swaps[1][factor]
     from_s, from_z = truth, truth[partners]
     report = {"follows_z": round(float((judged == from_z).mean()), 4),
               "follows_s": round(float((judged == from_s).mean()), 4)}
@@ -103,14 +103,13 @@ def swap_sources(model, judge, data, factor: str, seed: int = 0) -> dict:
     return report
 
 
-def static_errors_by_dynamic_match(model, judge, data, static_factor: str, dynamic_factor: str,
-                                   seed: int = 0) -> dict:
-    """The swaps of ``swap_judgements`` (the partners of ``swap_sources``): the share of
+def static_errors_by_dynamic_match(swaps: tuple, data, static_factor: str, dynamic_factor: str) -> dict:
+    """In the swaps of ``swap_judgements`` (those ``swap_sources`` scores): the share of
     ``static_factor`` judged wrong, over the pairs whose sources have the same ``dynamic_factor``
     class, and for each part of its class names, over the pairs that differ in the class but
     share that part or not."""
     truth, dynamic = np.asarray(data.test.labels[static_factor]), np.asarray(data.test.labels[dynamic_factor])
-    partners, judged = swap_judgements(model, judge, data, static_factor, seed)
+    partners, judged = swaps[0], swaps[1][static_factor]
     wrong = judged != truth
 
     def share(mask):
@@ -162,11 +161,11 @@ def main():
         print(json.dumps({"factor": args.factor, "classes": data.classes[args.factor],
                           "confusion": confusion.tolist(),
                           "accuracy": round(float(np.trace(confusion) / confusion.sum()), 4)}))
-        print(json.dumps({"swap_sources": swap_sources(model, judge, data, args.factor)}))
+        swaps = swap_judgements(model, judge, data)         # one set of swaps for both reports
+        print(json.dumps({"swap_sources": swap_sources(swaps, data, args.factor)}))
         if args.static_factor:
             print(json.dumps({"static_errors": args.static_factor, "by_match_of": args.factor,
-                              **static_errors_by_dynamic_match(model, judge, data, args.static_factor,
-                                                               args.factor)}))
+                              **static_errors_by_dynamic_match(swaps, data, args.static_factor, args.factor)}))
 
 
 if __name__ == "__main__":
