@@ -33,6 +33,8 @@ Where the paper, the released code and this file differ (so that no reader has t
     content view        shuffle or reverse        precomputed shuffles       on the fly; --content-flip (ours)
                         the frames                                           also mirrors it (--scale cpu
                                                                              for Sprites)
+    alpha               one weight on KL_s +      1                          alpha; --alpha-static (ours)
+                        KL_z, grid {0.6 ... 2}                               gives KL_s its own weight
     beta                grid {0.1 ... 5}          10 (run script)            10 in the presets; 20 in
                                                                              --scale cpu for Sprites
     I(z;s)              I(z_1:T; s), MWS          MWS, clamped by a ReLU     MWS per time step along each
@@ -96,6 +98,7 @@ class Config:
     mlp_width: int = 256              # MLP encoder/decoder width (feature frames)
     # objective, eq. (6)
     alpha: float = 1.0                # weight of KL_s + KL_z
+    alpha_static: Optional[float] = None  # ours, not the paper's: KL_s's own weight (None: alpha)
     beta: float = 10.0                # weight of I(s;x) + I(z;x)
     gamma: float = 1.0                # weight of I(z;s)
     likelihood: str = "gaussian"      # p(x_t|z_t,s): "gaussian" (squared error) or "bernoulli" (BCE)
@@ -543,10 +546,11 @@ class CDSVAE(nn.Module):
 
     def negative_eq6(self, terms: dict) -> torch.Tensor:
         """Eq. (6), negated: -recon + alpha (KL_s + KL_z) - beta (I(s;x) + I(z;x)) + gamma I(z;s)
-        (``recon`` is already the negative log-likelihood). mi "off" is DSVAE: the MI estimates
-        are only logged."""
+        (``recon`` is already the negative log-likelihood); with ``alpha_static`` set, KL_s has
+        that weight instead of alpha. mi "off" is DSVAE: the MI estimates are only logged."""
         cfg = self.cfg
-        loss = terms["recon"] + cfg.alpha * (terms["kl_s"] + terms["kl_z"])
+        alpha_static = cfg.alpha if cfg.alpha_static is None else cfg.alpha_static
+        loss = terms["recon"] + alpha_static * terms["kl_s"] + cfg.alpha * terms["kl_z"]
         if cfg.mi != "off":
             loss = loss - cfg.beta * (terms["mi_sx"] + terms["mi_zx"]) + cfg.gamma * terms["mi_zs"]
         return loss
@@ -1322,7 +1326,10 @@ def config_from_dict(values: dict) -> Config:
     cfg.frame_shape = tuple(int(v) for v in cfg.frame_shape)
     kinds = {"int": int, "float": (int, float), "str": str, "bool": bool}
     for field in fields(Config):
-        value, kind = getattr(cfg, field.name), kinds.get(str(field.type))
+        value, type_name = getattr(cfg, field.name), str(field.type)
+        if type_name.startswith("Optional[") and value is None:
+            continue
+        kind = kinds.get(type_name.removeprefix("Optional[").removesuffix("]"))
         if kind is not None and (not isinstance(value, kind) or (kind is not bool and isinstance(value, bool))):
             raise TypeError(f"config {field.name}: {value!r} is not a {field.type}")
         low = -2**63 if field.name == "seed" else 0
@@ -2134,6 +2141,7 @@ def train_command(
     epochs: Optional[int] = typer.Option(None, help="Epochs (default: the dataset preset's)."),
     batch_size: Optional[int] = typer.Option(None), lr: Optional[float] = typer.Option(None),
     alpha: Optional[float] = typer.Option(None, help="Weight of KL_s + KL_z, eq. (6)."),
+    alpha_static: Optional[float] = typer.Option(None, help="Ours, not the paper's: KL_s's own weight (default: the preset's, else --alpha); a larger one leaves s no room for what z already holds."),
     beta: Optional[float] = typer.Option(None, help="Weight of I(s;x) + I(z;x), eq. (6)."),
     gamma: Optional[float] = typer.Option(None, help="Weight of I(z;s), eq. (6)."),
     tau: Optional[float] = typer.Option(None, help="Contrastive temperature, eq. (7)."),
@@ -2176,12 +2184,13 @@ def train_command(
         resolved = _check_device(device)
         dataset = load_dataset(data, str(data_dir) if data_dir else None, frame_size, seed)
         overrides = {k: v for k, v in dict(
-            epochs=epochs, batch_size=batch_size, lr=lr, alpha=alpha, beta=beta, gamma=gamma,
+            epochs=epochs, batch_size=batch_size, lr=lr, alpha=alpha, alpha_static=alpha_static, beta=beta, gamma=gamma,
             tau=tau, static_dim=static_dim, dynamic_dim=dynamic_dim, feature_dim=feature_dim,
             hidden_dim=hidden_dim, conv_width=conv_width, warmup_steps=warmup_steps).items() if v is not None}
         for name, value in {**overrides, "time_budget": time_budget}.items():
-            if value is not None and value <= 0 and name not in ("alpha", "beta", "gamma", "warmup_steps"):
-                raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
+            weight = name in ("alpha", "alpha_static", "beta", "gamma", "warmup_steps")
+            if value is not None and (value < 0 if weight else value <= 0):
+                raise UserError(f"--{name.replace('_', '-')} must be {'non-negative' if weight else 'positive'}, got {value}")
         choices = {k: v for k, v in dict(likelihood=likelihood, lr_schedule=lr_schedule, fresh_data=fresh_data,
                                          mi_rollout=mi_rollout, content_flip=content_flip).items() if v is not None}
         cfg = Config(**{**preset(dataset.name, scale), **overrides, **choices}, frame_shape=dataset.frame_shape,

@@ -191,9 +191,10 @@ def direct_terms(model, x, content_view_order, motion_view, noise):
     }
 
 
-def test_every_term_of_forward_equals_an_independent_computation(monkeypatch):
+@pytest.mark.parametrize("alpha_static", [None, 1.9])   # None: eq. (6)'s one alpha for both KL terms
+def test_every_term_of_forward_equals_an_independent_computation(monkeypatch, alpha_static):
     torch.manual_seed(0)
-    model = small_model(alpha=0.7, beta=3.0, gamma=2.0)
+    model = small_model(alpha=0.7, alpha_static=alpha_static, beta=3.0, gamma=2.0)
     batch, steps = 5, 4
     x, view = torch.rand(batch, steps, 3, 16, 16), torch.rand(batch, steps, 3, 16, 16)
     order = torch.stack([torch.randperm(steps) for _ in range(batch)])
@@ -210,7 +211,8 @@ def test_every_term_of_forward_equals_an_independent_computation(monkeypatch):
     for name, value in direct.items():
         assert terms[name].item() == pytest.approx(value, rel=1e-4, abs=1e-5), name
     assert swapped["mi_zx"] != pytest.approx(direct["mi_zx"], rel=1e-3)
-    expected_loss = (direct["recon"] + 0.7 * (direct["kl_s"] + direct["kl_z"])
+    weight_static = 0.7 if alpha_static is None else alpha_static
+    expected_loss = (direct["recon"] + weight_static * direct["kl_s"] + 0.7 * direct["kl_z"]
                      - 3.0 * (direct["mi_sx"] + direct["mi_zx"]) + 2.0 * direct["mi_zs"])
     assert loss.item() == pytest.approx(expected_loss, rel=1e-4)
 
