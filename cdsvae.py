@@ -2141,7 +2141,7 @@ def train_command(
     epochs: Optional[int] = typer.Option(None, help="Epochs (default: the dataset preset's)."),
     batch_size: Optional[int] = typer.Option(None), lr: Optional[float] = typer.Option(None),
     alpha: Optional[float] = typer.Option(None, help="Weight of KL_s + KL_z, eq. (6)."),
-    alpha_static: Optional[float] = typer.Option(None, help="Ours, not the paper's: KL_s's own weight (default: the preset's, else --alpha); a larger one leaves s no room for what z already holds."),
+    alpha_static: Optional[float] = typer.Option(None, help="Ours, not the paper's: KL_s's own weight (default: the preset's, else --alpha); a larger one makes s pay more for holding what z holds too."),
     beta: Optional[float] = typer.Option(None, help="Weight of I(s;x) + I(z;x), eq. (6)."),
     gamma: Optional[float] = typer.Option(None, help="Weight of I(z;s), eq. (6)."),
     tau: Optional[float] = typer.Option(None, help="Contrastive temperature, eq. (7)."),
@@ -2188,9 +2188,9 @@ def train_command(
             tau=tau, static_dim=static_dim, dynamic_dim=dynamic_dim, feature_dim=feature_dim,
             hidden_dim=hidden_dim, conv_width=conv_width, warmup_steps=warmup_steps).items() if v is not None}
         for name, value in {**overrides, "time_budget": time_budget}.items():
-            weight = name in ("alpha", "alpha_static", "beta", "gamma", "warmup_steps")
-            if value is not None and (value < 0 if weight else value <= 0):
-                raise UserError(f"--{name.replace('_', '-')} must be {'non-negative' if weight else 'positive'}, got {value}")
+            zero_allowed = name in ("alpha", "alpha_static", "beta", "gamma", "warmup_steps")
+            if value is not None and (value < 0 if zero_allowed else value <= 0):
+                raise UserError(f"--{name.replace('_', '-')} must be {'non-negative' if zero_allowed else 'positive'}, got {value}")
         choices = {k: v for k, v in dict(likelihood=likelihood, lr_schedule=lr_schedule, fresh_data=fresh_data,
                                          mi_rollout=mi_rollout, content_flip=content_flip).items() if v is not None}
         cfg = Config(**{**preset(dataset.name, scale), **overrides, **choices}, frame_shape=dataset.frame_shape,
