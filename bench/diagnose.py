@@ -84,6 +84,15 @@ def swap_judgements(model, judge, data, seed: int = 0) -> tuple:
     return partners, {f: np.concatenate([batch[f] for batch in judged]) for f in judged[0]}
 
 
+def class_parts(class_names) -> list:
+    """For class names made of parts ("walk-left"), per part the array of each class's part
+    (["walk", ...], ["left", ...]); empty when some name has one part only."""
+    names = [name.split("-") for name in class_names]
+    if not all(len(n) > 1 for n in names):
+        return []
+    return [np.array([n[part] for n in names]) for part in range(min(len(n) for n in names))]
+
+
 def swap_sources(swaps: tuple, data, factor: str) -> dict:
     """Swaps (``swap_judgements``: s of each test sequence, z of a random other): how often the
     judged class is the z source's and how often the s source's; for class names made of parts
@@ -93,9 +102,7 @@ def swap_sources(swaps: tuple, data, factor: str) -> dict:
     from_s, from_z = truth, truth[partners]
     report = {"follows_z": round(float((judged == from_z).mean()), 4),
               "follows_s": round(float((judged == from_s).mean()), 4)}
-    names = [name.split("-") for name in data.classes[factor]]
-    for part in range(min(len(n) for n in names) if all(len(n) > 1 for n in names) else 0):
-        value = np.array([n[part] for n in names])
+    for part, value in enumerate(class_parts(data.classes[factor])):
         differ = value[from_s] != value[from_z]
         report[f"part {part} where the sources differ ({int(differ.sum())} pairs)"] = {
             "follows_z": round(float((value[judged][differ] == value[from_z][differ]).mean()), 4),
@@ -117,9 +124,7 @@ def static_errors_by_dynamic_match(swaps: tuple, data, static_factor: str, dynam
 
     same = dynamic == dynamic[partners]
     report = {f"same {dynamic_factor}": share(same)}
-    names = [name.split("-") for name in data.classes[dynamic_factor]]
-    for part in range(min(len(n) for n in names) if all(len(n) > 1 for n in names) else 0):
-        value = np.array([n[part] for n in names])
+    for part, value in enumerate(class_parts(data.classes[dynamic_factor])):
         shared = value[dynamic] == value[dynamic[partners]]
         report[f"other {dynamic_factor}, part {part} shared"] = share(~same & shared)
         report[f"other {dynamic_factor}, part {part} differs"] = share(~same & ~shared)
