@@ -1590,8 +1590,8 @@ def train(cfg: Config, data: Dataset, out_dir: Path, device="cpu", log_every: in
     - Under torchrun (WORLD_SIZE > 1) the global batch ``cfg.batch_size`` is split over the ranks;
       DDP averages gradients, the MI estimates gather the global batch; rank 0 writes.
     - ``precision``: "bf16" runs the networks under bf16 autocast (on CUDA with TF32 matmuls; the
-      objective stays fp32), "fp32" does not, "auto" picks bf16 on CUDA and fp32 on CPU
-      (``resolve_precision``).
+      objective stays fp32), "fp32" does not, "auto" picks bf16 on CUDA and on a CPU with
+      native bf16, fp32 on other CPUs (``resolve_precision``).
     - ``cfg.lr_schedule`` "cosine": linear warm-up over ``cfg.warmup_steps``, then a cosine decay
       to 0 at the last step of ``cfg.epochs`` or at the end of ``time_budget``, whichever comes
       first (``learning_rate``); "constant": ``cfg.lr``.
@@ -1878,12 +1878,15 @@ def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
 
 def resolve_precision(precision: str, device: torch.device) -> str:
     """"fp32" or "bf16" (autocast) for ``--precision auto|fp32|bf16`` on ``device``: auto is bf16
-    on CUDA and fp32 on CPU (see bench/RESULTS.md, "CPU bf16"). bf16 on a CPU needs native bf16:
-    without it oneDNN has no bf16 LSTM ("could not create a primitive descriptor")."""
+    on CUDA and on a CPU with native bf16, fp32 on other CPUs (bench/RESULTS.md, eleventh session:
+    at equal wall-clock on such a CPU bf16 made 1.19x the steps and scored level with fp32). bf16
+    on a CPU needs native bf16: without it oneDNN has no bf16 LSTM ("could not create a primitive
+    descriptor")."""
     if precision not in ("auto", "fp32", "bf16"):
         raise UserError(f"--precision {precision}: expected auto, fp32 or bf16")
     if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
+        native = device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
+        return "bf16" if native else "fp32"
     if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
         raise UserError("--precision bf16: this CPU has no native bf16 (no avx512_bf16, amx_bf16 or "
                         "bf16 flag in /proc/cpuinfo); expected fp32 or auto here")
@@ -2166,7 +2169,7 @@ def train_command(
     keep: int = typer.Option(1, help="Also keep the last K epoch-NNNN.pt checkpoints (K > 1)."),
     max_nonfinite: int = typer.Option(10, help="Stop after this many steps in a row with a non-finite loss or gradients (each is skipped)."),
     sync_bn: bool = typer.Option(False, help="Synchronise BatchNorm statistics across DDP processes (CUDA)."),
-    precision: str = typer.Option("auto", help="auto (bf16 autocast + TF32 on CUDA, fp32 on CPU), fp32, or bf16 (CUDA, or a CPU with native bf16)."),
+    precision: str = typer.Option("auto", help="auto (bf16 autocast + TF32 on CUDA; bf16 autocast on a CPU with native bf16, else fp32), fp32, or bf16 (CUDA, or a CPU with native bf16)."),
     time_budget: Optional[float] = typer.Option(None, help="Stop after this many minutes of training (the epochs stay the upper bound)."),
     eval_every: int = typer.Option(0, help="Model selection: every N steps score a validation split held out of the training split, log it, keep best.pt."),
     judge: Optional[Path] = typer.Option(None, help="With --eval-every: score by this judge's accuracy on fixed-factor generations (else by a probe)."),

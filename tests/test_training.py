@@ -337,19 +337,20 @@ def test_a_time_budget_stops_training_after_the_step_that_runs_out_and_saves_it(
     assert not (tmp_path / "cli").exists()
 
 
-def test_cpu_bf16_is_detected_from_the_cpu_flags_and_auto_keeps_fp32_on_cpu(tmp_path, monkeypatch):
+def test_cpu_bf16_is_detected_from_the_cpu_flags_and_auto_follows_it_on_cpu(tmp_path, monkeypatch):
     with_bf16, without = tmp_path / "with", tmp_path / "without"
     with_bf16.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_tile\n")
     without.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw\n")
     assert cdsvae.cpu_has_native_bf16(str(with_bf16)) and not cdsvae.cpu_has_native_bf16(str(without))
     assert not cdsvae.cpu_has_native_bf16(str(tmp_path / "absent"))
     cpu = torch.device("cpu")
-    assert cdsvae.resolve_precision("auto", cpu) == "fp32" and cdsvae.resolve_precision("fp32", cpu) == "fp32"
     monkeypatch.setattr(cdsvae, "cpu_has_native_bf16", lambda: False)
+    assert cdsvae.resolve_precision("auto", cpu) == "fp32" and cdsvae.resolve_precision("fp32", cpu) == "fp32"
     with pytest.raises(cdsvae.UserError, match="no native bf16"):
         cdsvae.resolve_precision("bf16", cpu)
     monkeypatch.setattr(cdsvae, "cpu_has_native_bf16", lambda: True)
-    assert cdsvae.resolve_precision("bf16", cpu) == "bf16"
+    assert cdsvae.resolve_precision("bf16", cpu) == "bf16" and cdsvae.resolve_precision("auto", cpu) == "bf16"
+    assert cdsvae.resolve_precision("fp32", cpu) == "fp32"
 
 
 @pytest.mark.skipif(not cdsvae.cpu_has_native_bf16(), reason="this CPU has no native bf16")
