@@ -8,6 +8,7 @@ each fits in a ``--budget``-minute run at these measured rates.
 
     python bench/compile_cpu.py                   # one thread: what one core of a study gets
     python bench/compile_cpu.py --threads 2
+    python bench/compile_cpu.py --precision bf16  # the step under bf16 autocast
 """
 from __future__ import annotations
 
@@ -25,9 +26,10 @@ import torch  # noqa: E402
 import cdsvae  # noqa: E402
 
 
-def timed_step(net, optimizer, x) -> float:
+def timed_step(net, optimizer, x, bf16: bool = False) -> float:
     started = time.perf_counter()
-    loss, _ = net(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):   # as cdsvae train --precision bf16
+        loss, _ = net(x)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -43,6 +45,8 @@ def main():
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--budget", type=float, default=60.0, help="minutes of the run to compare")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="bf16: the step under bf16 autocast, as --precision auto picks on a CPU with native bf16")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -50,14 +54,14 @@ def main():
     channels = 1 if args.dataset == "sm-mnist" else 3
     cfg = cdsvae.Config(**settings, frame_shape=(channels, args.frame_size, args.frame_size), frames=args.frames)
     x = torch.rand(cfg.batch_size, args.frames, channels, args.frame_size, args.frame_size)
-    rows = {}
+    rows, bf16 = {}, args.precision == "bf16"
     for name in ("eager", "compiled"):
         torch.manual_seed(0)
         model = cdsvae.CDSVAE(cfg).train()
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
         net = torch.compile(model) if name == "compiled" else model
-        first = [timed_step(net, optimizer, x) for _ in range(3)]       # compilation happens here
-        steady = sorted(timed_step(net, optimizer, x) for _ in range(args.steps))[args.steps // 2]
+        first = [timed_step(net, optimizer, x, bf16) for _ in range(3)]       # compilation happens here
+        steady = sorted(timed_step(net, optimizer, x, bf16) for _ in range(args.steps))[args.steps // 2]
         overhead = max(0.0, sum(first) - 3 * steady)
         rows[name] = {"step": name, "seconds_per_step": round(steady, 4), "first_three_steps_s": round(sum(first), 2),
                       "compile_s": round(overhead, 2),
@@ -65,7 +69,7 @@ def main():
         print(json.dumps(rows[name]), flush=True)
     print(json.dumps({"speedup_per_step": round(rows["eager"]["seconds_per_step"] / rows["compiled"]["seconds_per_step"], 3),
                       "config": f"{args.dataset} --scale {args.scale}, {args.frame_size}x{args.frame_size}, batch {cfg.batch_size}",
-                      "threads": args.threads, "machine": platform.processor() or platform.machine(),
+                      "threads": args.threads, "precision": args.precision, "machine": platform.processor() or platform.machine(),
                       "torch": torch.__version__}))
 
 

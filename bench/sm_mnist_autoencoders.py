@@ -4,7 +4,8 @@ alone with the Bernoulli likelihood (no KL, no MI), time-budgeted on one core.
     python bench/sm_mnist_autoencoders.py frame --mnist-dir MNIST_DIR --minutes 6
     python bench/sm_mnist_autoencoders.py sequence --mnist-dir MNIST_DIR --minutes 6 \
         [--dynamic-dim 40] [--pool mean] [--decoder-mlp 256] [--one-digit | --ordered] [--curriculum 6]
-        [--slots 2] [--broadcast 8] [--film] [--glyphs 2 [--heatmap]] [--dynamic-sees-static] [--window 8]
+        [--slots 2] [--broadcast 8] [--film] [--glyphs 2 [--heatmap] [--pairings]] [--dynamic-sees-static]
+        [--window 8]
 
 - ``frame``: ConvFrameEncoder -> linear -> ConvFrameDecoder on single frames (batch 128
   frames): a free 40-number code per frame.
@@ -18,16 +19,21 @@ alone with the Bernoulli likelihood (no KL, no MI), time-budgeted on one core.
   ``--slots K`` splits s and z_t into K parts and draws each pair with one shared decoder, the
   frames combined as a union of the K drawings; ``--broadcast G`` is a spatial-broadcast decoder
   on a GxG grid; ``--film`` lets s modulate every decoder stage; ``--glyphs K`` lets s draw K
-  glyphs that z_t places (one centre each, or with ``--heatmap`` a distribution over corners). Encoder:
+  glyphs that z_t places (one centre each, or with ``--heatmap`` a distribution over corners;
+  ``--pairings`` makes each frame's likelihood the mixture over every assignment of the glyphs to
+  z_t's places, so that s and z_t need no common order). Encoder:
   ``--dynamic-sees-static`` feeds s to the dynamic posterior's LSTM at every step.
 
 Prints the test BCE per frame, a probe of the digits from s (sequence) or from the frame
 features (frame), and writes a PNG (per sequence: input, reconstruction, and for ``sequence``
-the reconstruction with the next sequence's s). Results: bench/RESULTS.md, fifth, sixth and seventh sessions.
+the reconstruction with the next sequence's s). Results: bench/RESULTS.md, fifth, sixth, seventh and
+twelfth sessions.
 """
 import argparse
 import inspect
+import itertools
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -73,6 +79,14 @@ def union_logits(log_none):
     """Logits of p = 1 - exp(log_none), where log_none = log prod_k (1 - p_k) < 0: the union of
     K drawings, each pixel drawn unless no drawing has it."""
     return torch.log(-torch.expm1(log_none)) - log_none
+
+
+def mixture_nll(logits, frames):
+    """-log p(x) per frame for p(x) = (1/P) sum_p Bernoulli(x; sigmoid(logits[p])): ``logits``
+    (P, N, C, H, W), one drawing per assignment of glyphs to places; ``frames`` (N, C, H, W)."""
+    target = frames.unsqueeze(0).expand_as(logits)
+    nll = F.binary_cross_entropy_with_logits(logits, target, reduction="none").flatten(2).sum(-1)
+    return -(torch.logsumexp(-nll, 0) - math.log(len(logits)))
 
 
 class BroadcastDecoder(nn.Module):
@@ -128,16 +142,24 @@ class GlyphDecoder(nn.Module):
             nn.Linear(cfg.dynamic_dim, 128), nn.LeakyReLU(0.2), nn.Linear(128, slots * self.places ** 2))
         self.background = nn.Parameter(torch.tensor(-6.0))
 
-    def forward(self, latent):
+    def forward(self, latent, order=None):
+        """Logits of the frames; ``order`` (a permutation of the K glyphs) says which glyph goes to
+        which of z_t's places (default: glyph k to place k)."""
         static, dynamic = latent[:, :self.static_dim], latent[:, self.static_dim:]
         N, K = len(latent), self.slots
         glyphs = torch.sigmoid(self.glyph(static.reshape(N * K, -1)))           # (N K, C, g, g)
+        if order is not None:
+            glyphs = glyphs.view(N, K, *glyphs.shape[1:])[:, list(order)].flatten(0, 1)
         if self.heatmap:       # a distribution over top-left corners; the glyph drawn at each, weighted
             where = torch.softmax(self.where(dynamic).view(N * K, -1), 1).view(1, N * K, self.places, self.places)
             placed = F.conv_transpose2d(where, glyphs, groups=N * K).view(N, K, *self.frame)
         else:
             placed = self.moved(glyphs, dynamic).view(N, K, *self.frame)
         return union_logits(torch.log1p(-placed * (1 - 1e-6)).sum(1) - F.softplus(self.background))
+
+    def pairings(self, latent):
+        """Logits (K!, N, C, H, W): the frames drawn with every assignment of glyphs to places."""
+        return torch.stack([self(latent, order) for order in itertools.permutations(range(self.slots))])
 
     def moved(self, glyphs, dynamic):
         """Each glyph moved to the centre a linear map of z_t gives (a spatial transformer)."""
@@ -200,8 +222,13 @@ def main():
     parser.add_argument("--heatmap", action="store_true",
                         help="with --glyphs: z_t gives each glyph a distribution over its top-left corners "
                              "(softmax), the glyph drawn at each, weighted (a transposed conv), instead of one centre")
+    parser.add_argument("--pairings", action="store_true",
+                        help="with --glyphs: p(x_t | s, z_t) is the mixture, with equal weights, over every "
+                             "assignment of the K glyphs to z_t's K places, so that s and z_t need no common order")
     parser.add_argument("--png", type=Path, default=Path("autoencoder.png"))
     args = parser.parse_args()
+    if args.pairings and not args.glyphs:
+        parser.error("--pairings needs --glyphs K")
     torch.set_num_threads(1)
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
@@ -267,6 +294,12 @@ def main():
             dynamic = model.dynamic_posterior(features, zeros)[1]
         return static, dynamic
 
+    def pairing_nll(static, dynamic, x):
+        """-log of the mixture over the glyphs' assignments to places, per frame (B, T)."""
+        B, T = dynamic.shape[:2]
+        latent = torch.cat([static.unsqueeze(1).expand(B, T, -1), dynamic], -1).flatten(0, 1)
+        return mixture_nll(model.frame_decoder.pairings(latent), x.flatten(0, 1)).view(B, T)
+
     def frames(sequences, index):   # frame: one random frame of each chosen sequence
         return cdsvae.to_frames(sequences[index], "cpu")[np.arange(len(index)), rng.integers(0, 15, len(index))]
 
@@ -283,8 +316,11 @@ def main():
             if args.window:
                 start = int(rng.integers(0, x.shape[1] - args.window + 1))
                 x = x[:, start:start + args.window]
-            logits = decode_logits(*code(x))
-        loss = F.binary_cross_entropy_with_logits(logits, x, reduction="sum") / (x.numel() // 1024)
+            logits = None if args.pairings else decode_logits(*code(x))
+        if logits is None:
+            loss = pairing_nll(*code(x), x).sum() / (x.numel() // 1024)
+        else:
+            loss = F.binary_cross_entropy_with_logits(logits, x, reduction="sum") / (x.numel() // 1024)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -300,11 +336,15 @@ def main():
             x = cdsvae.to_frames(data.test.sequences[:200], "cpu")
             static, dynamic = code(x)
             logits = decode_logits(static, dynamic)
+            if args.pairings:        # the test BCE of the mixture; the pictures draw glyph k at place k
+                pairing_bce = pairing_nll(static, dynamic, x).sum().item() / (x.numel() // 1024)
             train_features = code(cdsvae.to_frames(data.train.sequences[:2000], "cpu"))[0]
             test_features = code(cdsvae.to_frames(data.test.sequences[:1000], "cpu"))[0]
             swapped = torch.sigmoid(decode_logits(static[[1, 2, 0]], dynamic[:3]))
             rows = [row for i in range(3) for row in (x[i], torch.sigmoid(logits[i]), swapped[i])]
         bce = F.binary_cross_entropy_with_logits(logits, x, reduction="sum").item() / (x.numel() // 1024)
+        if args.kind == "sequence" and args.pairings:
+            bce = pairing_bce
     count = len(test_features)
     probe = [cdsvae.probe_accuracy(train_features.numpy(), data.train.labels[f][:2000], test_features.numpy(),
                                    data.test.labels[f][:count], 10) for f in ("digit_low", "digit_high")]
