@@ -1,26 +1,15 @@
 """bench/sm_mnist_autoencoders.py --glyphs K --pairings: the glyph decoder drawn with every
 assignment of glyphs to places, and the mixture likelihood over them, against direct computations."""
-import importlib.util
 import math
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_autoencoders():
-    spec = importlib.util.spec_from_file_location("sm_mnist_autoencoders", ROOT / "bench" / "sm_mnist_autoencoders.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 @pytest.mark.parametrize("heatmap", [False, True])
-def test_the_second_pairing_is_the_drawing_with_the_two_glyph_codes_exchanged(heatmap):
-    bench = load_autoencoders()
+def test_the_second_pairing_is_the_drawing_with_the_two_glyph_codes_exchanged(heatmap, load_bench):
+    bench = load_bench("sm_mnist_autoencoders")
     cdsvae = sys.modules["cdsvae"]
     cfg = cdsvae.Config(**cdsvae.preset("sm-mnist", "cpu"), frame_shape=(1, 32, 32), frames=15)
     torch.manual_seed(0)
@@ -36,8 +25,8 @@ def test_the_second_pairing_is_the_drawing_with_the_two_glyph_codes_exchanged(he
         assert not torch.allclose(drawings[0], drawings[1])
 
 
-def test_mixture_nll_is_minus_the_log_of_the_mean_likelihood_over_assignments():
-    bench = load_autoencoders()
+def test_mixture_nll_is_minus_the_log_of_the_mean_likelihood_over_assignments(load_bench):
+    bench = load_bench("sm_mnist_autoencoders")
     torch.manual_seed(0)
     logits = torch.randn(2, 3, 1, 2, 2, dtype=torch.float64)       # 4 pixels: no underflow in exp
     frames = (torch.rand(3, 1, 2, 2, dtype=torch.float64) > 0.5).double()

@@ -1,23 +1,12 @@
 """bench/diagnose.py: the static factor's swap errors split by the dynamic factor's match,
 against a direct count over the same swaps."""
-import importlib.util
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
 
-
-def load_diagnose():
-    spec = importlib.util.spec_from_file_location("diagnose", ROOT / "bench" / "diagnose.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_static_errors_by_dynamic_match_counts_each_kind_of_pair():
-    diagnose = load_diagnose()
+def test_static_errors_by_dynamic_match_counts_each_kind_of_pair(load_bench):
+    diagnose = load_bench("diagnose")
     rng = np.random.default_rng(0)
     count = 200
     skin, action = rng.integers(0, 6, count), rng.integers(0, 9, count)
