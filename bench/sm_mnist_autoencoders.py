@@ -300,6 +300,9 @@ def main():
         latent = torch.cat([static.unsqueeze(1).expand(B, T, -1), dynamic], -1).flatten(0, 1)
         return mixture_nll(model.frame_decoder.pairings(latent), x.flatten(0, 1)).view(B, T)
 
+    def bce_per_frame(logits, x):
+        return F.binary_cross_entropy_with_logits(logits, x, reduction="sum") / (x.numel() // 1024)
+
     def frames(sequences, index):   # frame: one random frame of each chosen sequence
         return cdsvae.to_frames(sequences[index], "cpu")[np.arange(len(index)), rng.integers(0, 15, len(index))]
 
@@ -308,7 +311,7 @@ def main():
         step += 1
         if args.kind == "frame":
             x = frames(data.train.sequences, rng.integers(0, len(data.train.sequences), 128))
-            logits = model.frame_decoder(projection(model.frame_encoder(x)))
+            loss = bce_per_frame(model.frame_decoder(projection(model.frame_encoder(x))), x)
         else:
             early = one_digit_train is not None and time.time() - started < 60 * args.curriculum
             source = one_digit_train if early else data.train.sequences
@@ -316,11 +319,10 @@ def main():
             if args.window:
                 start = int(rng.integers(0, x.shape[1] - args.window + 1))
                 x = x[:, start:start + args.window]
-            logits = None if args.pairings else decode_logits(*code(x))
-        if logits is None:
-            loss = pairing_nll(*code(x), x).sum() / (x.numel() // 1024)
-        else:
-            loss = F.binary_cross_entropy_with_logits(logits, x, reduction="sum") / (x.numel() // 1024)
+            if args.pairings:
+                loss = pairing_nll(*code(x), x).sum() / (x.numel() // 1024)
+            else:
+                loss = bce_per_frame(decode_logits(*code(x)), x)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -336,15 +338,13 @@ def main():
             x = cdsvae.to_frames(data.test.sequences[:200], "cpu")
             static, dynamic = code(x)
             logits = decode_logits(static, dynamic)
-            if args.pairings:        # the test BCE of the mixture; the pictures draw glyph k at place k
-                pairing_bce = pairing_nll(static, dynamic, x).sum().item() / (x.numel() // 1024)
+            if args.pairings:        # the test BCE is the mixture's; the pictures draw glyph k at place k
+                mixture_bce = pairing_nll(static, dynamic, x).sum().item() / (x.numel() // 1024)
             train_features = code(cdsvae.to_frames(data.train.sequences[:2000], "cpu"))[0]
             test_features = code(cdsvae.to_frames(data.test.sequences[:1000], "cpu"))[0]
             swapped = torch.sigmoid(decode_logits(static[[1, 2, 0]], dynamic[:3]))
             rows = [row for i in range(3) for row in (x[i], torch.sigmoid(logits[i]), swapped[i])]
-        bce = F.binary_cross_entropy_with_logits(logits, x, reduction="sum").item() / (x.numel() // 1024)
-        if args.kind == "sequence" and args.pairings:
-            bce = pairing_bce
+        bce = mixture_bce if args.kind == "sequence" and args.pairings else bce_per_frame(logits, x).item()
     count = len(test_features)
     probe = [cdsvae.probe_accuracy(train_features.numpy(), data.train.labels[f][:2000], test_features.numpy(),
                                    data.test.labels[f][:count], 10) for f in ("digit_low", "digit_high")]

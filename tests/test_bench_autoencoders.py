@@ -1,16 +1,16 @@
 """bench/sm_mnist_autoencoders.py --glyphs K --pairings: the glyph decoder drawn with every
 assignment of glyphs to places, and the mixture likelihood over them, against direct computations."""
 import math
-import sys
 
 import pytest
 import torch
+
+import cdsvae
 
 
 @pytest.mark.parametrize("heatmap", [False, True])
 def test_the_second_pairing_is_the_drawing_with_the_two_glyph_codes_exchanged(heatmap, load_bench):
     bench = load_bench("sm_mnist_autoencoders")
-    cdsvae = sys.modules["cdsvae"]
     cfg = cdsvae.Config(**cdsvae.preset("sm-mnist", "cpu"), frame_shape=(1, 32, 32), frames=15)
     torch.manual_seed(0)
     decoder = bench.GlyphDecoder(cfg, 2, heatmap).eval()
