@@ -7,7 +7,7 @@ Bai, Wang & Gomes, NeurIPS 2021. One file, readable top to bottom:
     3. Augmentations: content (frame order) and motion (appearance)
     4. The model: eq. (1) prior and decoder, eq. (2) posterior, eq. (6) loss in `forward`, in
        named steps: encode_views, sample_posterior, elbo_terms, mi_static_data, mi_dynamic_data,
-       negative_eq6
+       club_terms (ours, off by default), negative_eq6
     5. Using a trained model: encode, decode, swap, generate, fixed-factor draws, interpolation
     6. Frame networks: the per-frame encoder and decoder (DCGAN convs for video, an MLP for
        feature frames)
@@ -43,7 +43,9 @@ Where the paper, the released code and this file differ (so that no reader has t
                                                                              trajectory estimate costs B x
                                                                              the posterior and measured
                                                                              within 0.4 nats of it:
-                                                                             bench/mws_question.py)
+                                                                             bench/mws_question.py);
+                                                                             --club W (ours) adds a CLUB
+                                                                             estimate, q(s|z_1:T) learned
     posterior scale     -                         log-variance passed as     log-variance used as one
                                                   a log-sigma                (``log_gaussian``)
     reconstruction      not stated                sum of squared errors      --likelihood gaussian (sum of
@@ -101,6 +103,8 @@ class Config:
     alpha_static: Optional[float] = None  # ours, not the paper's: KL_s's own weight (None: alpha)
     beta: float = 10.0                # weight of I(s;x) + I(z;x)
     gamma: float = 1.0                # weight of I(z;s)
+    club: float = 0.0                 # ours, not the paper's: weight of a CLUB estimate of I(z;s), 0: off
+    club_start: int = 2000            # steps before the CLUB weight ramps in (linearly, over club_start / 2)
     likelihood: str = "gaussian"      # p(x_t|z_t,s): "gaussian" (squared error) or "bernoulli" (BCE)
     tau: float = 0.5                  # temperature of the contrastive estimate, eq. (7)
     mi: str = "contrastive"           # "contrastive" (eq. 7-8), "mws" (App. F), "off" (DSVAE)
@@ -141,6 +145,16 @@ def gaussian_kl(mean_q, logvar_q, mean_p, logvar_p) -> torch.Tensor:
 def log_gaussian(x, mean, logvar) -> torch.Tensor:
     """Elementwise log N(x; mean, exp(logvar))."""
     return -0.5 * (math.log(2 * math.pi) + logvar + (x - mean) ** 2 * torch.exp(-logvar))
+
+
+def club_mi(static, mean, logvar) -> torch.Tensor:
+    """CLUB estimate of I(z;s) (Cheng et al., ICML 2020; ours, not the paper's): with q(s | z_1:T)
+    a Gaussian (``mean``, ``logvar``: (B, Ds), one row per sequence's trajectory),
+    mean_i log q(s_i | z_i) - mean_i,j log q(s_i | z_j). It bounds I(z;s) from above when q fits
+    the encoders' joint, and unlike the MWS estimate it does not reach its ceiling when q(s|x)
+    tells the sequences apart: it counts only what z tells about s."""
+    pairs = log_gaussian(static.unsqueeze(1), mean.unsqueeze(0), logvar.unsqueeze(0)).sum(-1)   # (i, j)
+    return pairs.diagonal().mean() - pairs.mean()
 
 
 def contrastive_mi(anchor: torch.Tensor, positive: torch.Tensor, tau: float) -> torch.Tensor:
@@ -380,6 +394,21 @@ class DynamicPrior(nn.Module):
         return torch.cat(samples, dim=1)
 
 
+class StaticFromDynamic(nn.Module):
+    """q(s | z_1:T), the variational distribution of ``club_mi`` (ours): an MLP reads the whole
+    trajectory and gives a Gaussian over s. Trained by maximum likelihood on detached samples of
+    the posterior, so it only measures; the CLUB estimate is what the encoders see."""
+
+    def __init__(self, cfg: Config, width: int = 256):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(cfg.frames * cfg.dynamic_dim, width), nn.ReLU(),
+                                 nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 2 * cfg.static_dim))
+
+    def forward(self, dynamic):                                 # (B, T, Dz) -> 2 x (B, Ds)
+        mean, logvar = self.net(dynamic.flatten(1)).chunk(2, dim=-1)
+        return mean, logvar.clamp(-8.0, 8.0)
+
+
 class Encoding(NamedTuple):
     static: torch.Tensor           # (B, Ds): a sample of q(s|x), or its mean
     dynamic: torch.Tensor          # (B, T, Dz): a trajectory of q(z|x), or the mean rollout
@@ -405,6 +434,9 @@ class CDSVAE(nn.Module):
         self.static_posterior = StaticPosterior(cfg)
         self.dynamic_posterior = DynamicPosterior(cfg)
         self.dynamic_prior = DynamicPrior(cfg)
+        if cfg.club > 0:
+            self.static_from_dynamic = StaticFromDynamic(cfg)
+            self.register_buffer("club_step", torch.zeros((), dtype=torch.long))   # steps trained
 
     def encode_frames(self, x):
         """Frame features (B, T, F): every frame is encoded on its own."""
@@ -464,8 +496,34 @@ class CDSVAE(nn.Module):
         terms["mi_zx"] = self.mi_dynamic_data(views, batch)   # I(z;x), eq. (7-8)
         terms["mi_zs"] = mws_mi_zs(batch.static, batch.static_mean, batch.static_logvar, batch.dynamic,
                                    batch.dynamic_mean, batch.dynamic_logvar, self.cfg.dataset_size)  # I(z;s)
+        if self.cfg.club > 0:
+            terms.update(self.club_terms(posterior))          # I(z;s) by CLUB, ours
         terms["loss"] = self.negative_eq6(terms)
         return terms
+
+    def club_terms(self, posterior: Encoding) -> dict:
+        """Ours, not the paper's (``cfg.club > 0``): the CLUB estimate of I(z;s) on this process's
+        batch of posterior samples, whose gradient reaches the encoders but not q(s | z_1:T), and
+        the negative log-likelihood that trains q(s | z_1:T) on the same samples, detached. In fp32
+        also under bf16 autocast. In training mode each call counts one step (``club_weight``)."""
+        from torch.func import functional_call
+        if self.training:
+            self.club_step += 1
+        critic = self.static_from_dynamic
+        with torch.autocast(posterior.static.device.type, enabled=False):
+            static, dynamic = posterior.static.float(), posterior.dynamic.float()
+            frozen = {name: p.detach() for name, p in critic.named_parameters()}
+            mean, logvar = functional_call(critic, frozen, (dynamic,))
+            mean_fit, logvar_fit = critic(dynamic.detach())
+            nll = -log_gaussian(static.detach(), mean_fit, logvar_fit).sum(-1).mean()
+            return {"mi_zs_club": club_mi(static, mean, logvar), "club_nll": nll}
+
+    def club_weight(self) -> float:
+        """``cfg.club`` after ``cfg.club_start`` steps, 0 before, ramped linearly in between over
+        ``club_start / 2`` steps: first z must take the motion, then s pays for what z tells."""
+        cfg = self.cfg
+        ramp = max(cfg.club_start // 2, 1)
+        return cfg.club * min(max((int(self.club_step) - cfg.club_start) / ramp, 0.0), 1.0)
 
     def encode_views(self, x, motion_view=None) -> "Views":
         """Frame features of x and of the views its MI terms compare it with: the motion view
@@ -547,12 +605,18 @@ class CDSVAE(nn.Module):
     def negative_eq6(self, terms: dict) -> torch.Tensor:
         """Eq. (6), negated: -recon + alpha (KL_s + KL_z) - beta (I(s;x) + I(z;x)) + gamma I(z;s)
         (``recon`` is already the negative log-likelihood); with ``alpha_static`` set, KL_s has
-        that weight instead of alpha. mi "off" is DSVAE: the MI estimates are only logged."""
+        that weight instead of alpha; with ``club`` > 0 the CLUB estimate of I(z;s) is added with
+        ``club_weight()`` (ours), and the likelihood that trains its q(s | z_1:T). mi "off" is DSVAE:
+        the MI estimates are only logged."""
         cfg = self.cfg
         alpha_static = cfg.alpha if cfg.alpha_static is None else cfg.alpha_static
         loss = terms["recon"] + alpha_static * terms["kl_s"] + cfg.alpha * terms["kl_z"]
         if cfg.mi != "off":
             loss = loss - cfg.beta * (terms["mi_sx"] + terms["mi_zx"]) + cfg.gamma * terms["mi_zs"]
+            if "mi_zs_club" in terms:                    # ours: and by CLUB, with its own weight
+                loss = loss + self.club_weight() * terms["mi_zs_club"]
+        if "club_nll" in terms:                          # trains only q(s | z_1:T): its inputs are detached
+            loss = loss + terms["club_nll"]
         return loss
 
     @staticmethod
@@ -787,11 +851,13 @@ SCALES = {
     # rollouts for I(z;x), alpha 0.6 (the low end of the paper's grid: less KL pressure on z_t,
     # so the decoder takes the motion from z) and, ours rather than the paper's, the mirrored
     # content view (Sprites' direction is constant within a sequence and otherwise goes to s)
-    # and beta 20 (above the paper's grid; it beat 10 with each of two seeds); SM-MNIST takes
-    # alpha 0.1 (the KL nearly free: s holds more of the digits). The epochs only cap a
-    # --time-budget run. MUG and your own videos follow Sprites without the mirror and with
-    # beta 10 (untested on MUG: it is licensed and absent here).
-    "cpu": {"sprites": dict(CPU_VIDEO_WITHOUT_FLIP, content_flip=True, beta=20.0),
+    # and beta 20 (above the paper's grid; it beat 10 with each of two seeds), and a CLUB
+    # estimate of I(z;s) weighed 10 from 2000 steps on (ours: s pays for what z tells about it,
+    # and the direction and the skin's dependence on it leave s); SM-MNIST takes alpha 0.1 (the
+    # KL nearly free: s holds more of the digits). The epochs only cap a --time-budget run. MUG
+    # and your own videos follow Sprites without the mirror and CLUB and with beta 10 (untested
+    # on MUG: it is licensed and absent here).
+    "cpu": {"sprites": dict(CPU_VIDEO_WITHOUT_FLIP, content_flip=True, beta=20.0, club=10.0, club_start=2000),
             "mug": CPU_VIDEO_WITHOUT_FLIP,
             "frames": CPU_VIDEO_WITHOUT_FLIP,
             "sm-mnist": dict(likelihood="bernoulli", batch_size=32, alpha=0.1, epochs=200)},
@@ -2147,6 +2213,8 @@ def train_command(
     alpha_static: Optional[float] = typer.Option(None, help="Ours, not the paper's: KL_s's own weight (default: the preset's, else --alpha); a larger one makes s pay more for holding what z holds too."),
     beta: Optional[float] = typer.Option(None, help="Weight of I(s;x) + I(z;x), eq. (6)."),
     gamma: Optional[float] = typer.Option(None, help="Weight of I(z;s), eq. (6)."),
+    club: Optional[float] = typer.Option(None, help="Ours, not the paper's: weight of a CLUB estimate of I(z;s) beside gamma's MWS one (0: off; default: the preset's): s pays for what z tells about it."),
+    club_start: Optional[int] = typer.Option(None, help="Steps before the CLUB weight ramps in (linearly over half as many steps again)."),
     tau: Optional[float] = typer.Option(None, help="Contrastive temperature, eq. (7)."),
     static_dim: Optional[int] = typer.Option(None), dynamic_dim: Optional[int] = typer.Option(None),
     feature_dim: Optional[int] = typer.Option(None), hidden_dim: Optional[int] = typer.Option(None),
@@ -2188,10 +2256,10 @@ def train_command(
         dataset = load_dataset(data, str(data_dir) if data_dir else None, frame_size, seed)
         overrides = {k: v for k, v in dict(
             epochs=epochs, batch_size=batch_size, lr=lr, alpha=alpha, alpha_static=alpha_static, beta=beta, gamma=gamma,
-            tau=tau, static_dim=static_dim, dynamic_dim=dynamic_dim, feature_dim=feature_dim,
+            club=club, club_start=club_start, tau=tau, static_dim=static_dim, dynamic_dim=dynamic_dim, feature_dim=feature_dim,
             hidden_dim=hidden_dim, conv_width=conv_width, warmup_steps=warmup_steps).items() if v is not None}
         for name, value in {**overrides, "time_budget": time_budget}.items():
-            zero_allowed = name in ("alpha", "alpha_static", "beta", "gamma", "warmup_steps")
+            zero_allowed = name in ("alpha", "alpha_static", "beta", "gamma", "club", "club_start", "warmup_steps")
             if value is not None and (value < 0 if zero_allowed else value <= 0):
                 raise UserError(f"--{name.replace('_', '-')} must be {'non-negative' if zero_allowed else 'positive'}, got {value}")
         choices = {k: v for k, v in dict(likelihood=likelihood, lr_schedule=lr_schedule, fresh_data=fresh_data,

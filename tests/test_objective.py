@@ -336,3 +336,52 @@ def test_content_flip_takes_i_s_x_against_the_shuffled_mirrored_video(monkeypatc
     model.cfg.content_flip = False
     _, unflipped = model(x)
     assert unflipped["mi_sx"].item() != pytest.approx(direct, rel=1e-3)
+
+
+def test_club_estimate_equals_the_direct_mean_of_gaussian_log_likelihoods():
+    generator = torch.Generator().manual_seed(0)
+    static, mean = torch.randn(5, 3, generator=generator), torch.randn(5, 3, generator=generator)
+    logvar = torch.randn(5, 3, generator=generator) * 0.5
+    log_q = [[float(Normal(mean[j].double(), torch.exp(0.5 * logvar[j]).double()).log_prob(static[i].double()).sum())
+              for j in range(5)] for i in range(5)]
+    direct = sum(log_q[i][i] for i in range(5)) / 5 - sum(map(sum, log_q)) / 25
+    assert cdsvae.club_mi(static, mean, logvar).item() == pytest.approx(direct, rel=1e-5)
+    # it can fail: with s a function of z it is large, with s unrelated to z near zero
+    trajectories = torch.randn(256, 4, generator=generator)
+    related = cdsvae.club_mi(trajectories[:, :2] * 3, trajectories[:, :2] * 3, torch.zeros(256, 2))
+    unrelated = cdsvae.club_mi(torch.randn(256, 2, generator=generator), torch.zeros(256, 2), torch.zeros(256, 2))
+    assert related > 5 and abs(unrelated) < 0.2
+
+
+def test_club_trains_its_critic_on_detached_samples_and_its_estimate_only_the_encoders():
+    torch.manual_seed(0)
+    model = small_model(club=1.0, club_start=0, frames=4)
+    terms = model.objective_terms(torch.rand(5, 4, 3, 16, 16))
+    critic = list(model.static_from_dynamic.parameters())
+    encoders = list(model.static_posterior.parameters()) + list(model.dynamic_posterior.parameters())
+
+    def grads(value, params):
+        return [g for g in torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)]
+
+    assert all(g is None for g in grads(terms["mi_zs_club"], critic))
+    assert all(g is not None and g.abs().sum() > 0 for g in grads(terms["mi_zs_club"], encoders[:1] + encoders[-1:]))
+    assert all(g is None for g in grads(terms["club_nll"], encoders))
+    assert all(g is not None and g.abs().sum() > 0 for g in grads(terms["club_nll"], critic[-2:]))
+
+
+def test_club_weight_ramps_in_after_club_start_and_the_loss_adds_the_estimate_and_the_critic_likelihood():
+    torch.manual_seed(0)
+    model = small_model(alpha=0.7, beta=3.0, gamma=2.0, club=2.0, club_start=4, frames=4)   # ramp: 2 steps
+    x = torch.rand(5, 4, 3, 16, 16)
+    weights = []
+    for _ in range(7):
+        loss, terms = model(x)
+        weights.append(model.club_weight())
+        expected = (terms["recon"] + 0.7 * (terms["kl_s"] + terms["kl_z"]) - 3.0 * (terms["mi_sx"] + terms["mi_zx"])
+                    + 2.0 * terms["mi_zs"] + weights[-1] * terms["mi_zs_club"] + terms["club_nll"])
+        assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert weights == [0.0, 0.0, 0.0, 0.0, 1.0, 2.0, 2.0]
+    model.eval()
+    model(x)                                        # evaluation does not count as a step
+    assert int(model.club_step) == 7
+    assert "static_from_dynamic.net.0.weight" not in small_model().state_dict()   # off: the model as before
