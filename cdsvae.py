@@ -79,6 +79,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.func import functional_call
 
 import kernels
 
@@ -506,7 +507,6 @@ class CDSVAE(nn.Module):
         batch of posterior samples, whose gradient reaches the encoders but not q(s | z_1:T), and
         the negative log-likelihood that trains q(s | z_1:T) on the same samples, detached. In fp32
         also under bf16 autocast. In training mode each call counts one step (``club_weight``)."""
-        from torch.func import functional_call
         if self.training:
             self.club_step += 1
         critic = self.static_from_dynamic

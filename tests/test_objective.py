@@ -361,7 +361,7 @@ def test_club_trains_its_critic_on_detached_samples_and_its_estimate_only_the_en
     encoders = list(model.static_posterior.parameters()) + list(model.dynamic_posterior.parameters())
 
     def grads(value, params):
-        return [g for g in torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)]
+        return torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
 
     assert all(g is None for g in grads(terms["mi_zs_club"], critic))
     assert all(g is not None and g.abs().sum() > 0 for g in grads(terms["mi_zs_club"], encoders[:1] + encoders[-1:]))
