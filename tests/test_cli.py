@@ -191,6 +191,7 @@ def test_train_rejects_bad_options(tmp_path):
     assert_user_error(run("train", "--epochs", 0, "--out", tmp_path / "r"), "--epochs must be positive")
     assert_user_error(run("train", "--alpha-static", -1, "--out", tmp_path / "r"), "--alpha-static must be non-negative")
     assert_user_error(run("train", "--club", -0.5, "--out", tmp_path / "r"), "--club must be non-negative")
+    assert_user_error(run("train", "--pair-critic", -1, "--out", tmp_path / "r"), "--pair-critic must be non-negative")
     assert_user_error(run("train", "--data", "sm-mnist", "--data-dir", tmp_path / "absent",
                           "--out", tmp_path / "r"), "MNIST")
     assert_user_error(run("train", "--device", "cuda:7" if not torch.cuda.is_available() else "tpu",
@@ -302,12 +303,12 @@ def test_scale_applies_its_settings_over_the_preset_and_flags_win_over_both(tmp_
     monkeypatch.setitem(cdsvae.SCALES["cpu"], "shapes", dict(static_dim=5, hidden_dim=6, likelihood="bernoulli"))
     result = run("train", "--scale", "cpu", "--hidden-dim", 8, "--epochs", 1, "--frame-size", 16,
                  "--dynamic-dim", 2, "--feature-dim", 8, "--conv-width", 4, "--batch-size", 256,
-                 "--alpha-static", 2.5, "--club", 1.5, "--club-start", 3, "--out", tmp_path / "run", "--device", "cpu")
+                 "--alpha-static", 2.5, "--club", 1.5, "--pair-critic", 0.5, "--club-start", 3, "--out", tmp_path / "run", "--device", "cpu")
     assert result.exit_code == 0, result.output
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert (config["static_dim"], config["hidden_dim"], config["likelihood"]) == (5, 8, "bernoulli")
     assert (config["alpha"], config["alpha_static"]) == (cdsvae.PRESETS["shapes"]["alpha"], 2.5)
     trained = cdsvae.load_checkpoint(tmp_path / "run" / "last.pt")
-    assert (trained.cfg.alpha_static, trained.cfg.club, trained.cfg.club_start) == (2.5, 1.5, 3)
+    assert (trained.cfg.alpha_static, trained.cfg.club, trained.cfg.pair_critic, trained.cfg.club_start) == (2.5, 1.5, 0.5, 3)
     assert int(trained.club_step) == json.loads((tmp_path / "run" / "summary.json").read_text())["steps"]
     assert config["lr"] == cdsvae.PRESETS["shapes"]["lr"]                 # the rest from the preset
