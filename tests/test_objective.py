@@ -353,20 +353,25 @@ def test_club_estimate_equals_the_direct_mean_of_gaussian_log_likelihoods():
     assert related > 5 and abs(unrelated) < 0.2
 
 
-def test_club_trains_its_critic_on_detached_samples_and_its_estimate_only_the_encoders():
-    torch.manual_seed(0)
-    model = small_model(club=1.0, club_start=0, frames=4)
-    terms = model.objective_terms(torch.rand(5, 4, 3, 16, 16))
-    critic = list(model.static_from_dynamic.parameters())
+def assert_critic_gradients(model, critic, estimate, critic_loss):
+    """A learned critic's estimate trains the encoders and not the critic; its loss only the critic."""
     encoders = list(model.static_posterior.parameters()) + list(model.dynamic_posterior.parameters())
+    critic = list(critic.parameters())
 
     def grads(value, params):
         return torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
 
-    assert all(g is None for g in grads(terms["mi_zs_club"], critic))
-    assert all(g is not None and g.abs().sum() > 0 for g in grads(terms["mi_zs_club"], encoders[:1] + encoders[-1:]))
-    assert all(g is None for g in grads(terms["club_nll"], encoders))
-    assert all(g is not None and g.abs().sum() > 0 for g in grads(terms["club_nll"], critic[-2:]))
+    assert all(g is None for g in grads(estimate, critic))
+    assert all(g is not None and g.abs().sum() > 0 for g in grads(estimate, encoders[:1] + encoders[-1:]))
+    assert all(g is None for g in grads(critic_loss, encoders))
+    assert all(g is not None and g.abs().sum() > 0 for g in grads(critic_loss, critic[-2:]))
+
+
+def test_club_trains_its_critic_on_detached_samples_and_its_estimate_only_the_encoders():
+    torch.manual_seed(0)
+    model = small_model(club=1.0, club_start=0, frames=4)
+    terms = model.objective_terms(torch.rand(5, 4, 3, 16, 16))
+    assert_critic_gradients(model, model.static_from_dynamic, terms["mi_zs_club"], terms["club_nll"])
 
 
 def test_club_weight_ramps_in_after_club_start_and_the_loss_adds_the_estimate_and_the_critic_likelihood():
@@ -444,16 +449,7 @@ def test_pair_critic_trains_on_detached_samples_its_estimate_only_the_encoders_a
     model = small_model(alpha=0.7, beta=3.0, gamma=2.0, club=2.0, pair_critic=3.0, club_start=4, frames=4)
     x = torch.rand(5, 4, 3, 16, 16)
     terms = model.objective_terms(x)
-    critic = list(model.pair_critic.parameters())
-    encoders = list(model.static_posterior.parameters()) + list(model.dynamic_posterior.parameters())
-
-    def grads(value, params):
-        return torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
-
-    assert all(g is None for g in grads(terms["mi_zs_ratio"], critic))
-    assert all(g is not None and g.abs().sum() > 0 for g in grads(terms["mi_zs_ratio"], encoders[:1] + encoders[-1:]))
-    assert all(g is None for g in grads(terms["pair_critic_nll"], encoders))
-    assert all(g is not None and g.abs().sum() > 0 for g in grads(terms["pair_critic_nll"], critic))
+    assert_critic_gradients(model, model.pair_critic, terms["mi_zs_ratio"], terms["pair_critic_nll"])
     weights = []
     for _ in range(6):
         loss, terms = model(x)
