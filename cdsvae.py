@@ -162,6 +162,12 @@ def club_mi(static, mean, logvar) -> torch.Tensor:
     return pairs.diagonal().mean() - pairs.mean()
 
 
+def call_frozen(module: nn.Module, *inputs):
+    """``module`` applied with its parameters detached: the gradient reaches the inputs, not the
+    module (how a learned critic's estimate trains the encoders and leaves the critic alone)."""
+    return functional_call(module, {name: p.detach() for name, p in module.named_parameters()}, inputs)
+
+
 def density_ratio_mi(joint_logits) -> torch.Tensor:
     """Density-ratio estimate of I(z;s) (ours, not the paper's; the trick of FactorVAE, Kim & Mnih
     2018): a classifier told apart (s_i, z_i), pairs from one sequence, from (s_i, z_j), pairs from
@@ -547,19 +553,15 @@ class CDSVAE(nn.Module):
         with torch.autocast(posterior.static.device.type, enabled=False):
             static, dynamic = posterior.static.float(), posterior.dynamic.float()
             if self.cfg.club > 0:
-                critic = self.static_from_dynamic
-                frozen = {name: p.detach() for name, p in critic.named_parameters()}
-                mean, logvar = functional_call(critic, frozen, (dynamic,))
-                mean_fit, logvar_fit = critic(dynamic.detach())
+                mean, logvar = call_frozen(self.static_from_dynamic, dynamic)
+                mean_fit, logvar_fit = self.static_from_dynamic(dynamic.detach())
                 terms["mi_zs_club"] = club_mi(static, mean, logvar)
                 terms["club_nll"] = -log_gaussian(static.detach(), mean_fit, logvar_fit).sum(-1).mean()
             if self.cfg.pair_critic > 0:
-                critic = self.pair_critic
-                frozen = {name: p.detach() for name, p in critic.named_parameters()}
-                terms["mi_zs_ratio"] = density_ratio_mi(functional_call(critic, frozen, (static, dynamic)))
+                terms["mi_zs_ratio"] = density_ratio_mi(call_frozen(self.pair_critic, static, dynamic))
                 static_fit, dynamic_fit = static.detach(), dynamic.detach()
-                joint = critic(static_fit, dynamic_fit)
-                mismatched = critic(static_fit, dynamic_fit.roll(1, dims=0))
+                joint = self.pair_critic(static_fit, dynamic_fit)
+                mismatched = self.pair_critic(static_fit, dynamic_fit.roll(1, dims=0))
                 terms["pair_critic_nll"] = F.softplus(-joint).mean() + F.softplus(mismatched).mean()
         return terms
 
