@@ -12,6 +12,9 @@ For a checkpoint, a batch of training sequences and (optionally) a judge:
   judged wrong, split by whether the two sources share the dynamic class, only a part of it
   (e.g. the direction of "walk-left"), or nothing: a static factor learned together with a
   dynamic part held in s goes wrong where z draws another one (bench/RESULTS.md, ninth session).
+  And with s fixed, how often it is judged right per z source (the sequence's own posterior,
+  another sequence's, the prior) and per class: where the prior's trajectories, not s, draw it
+  wrong (bench/RESULTS.md, fifteenth session).
 
     python bench/diagnose.py --ckpt RUN/last.pt --data-dir SPRITES32 --judge judge.pt
 """
@@ -131,6 +134,36 @@ def static_errors_by_dynamic_match(swaps: tuple, data, static_factor: str, dynam
     return report
 
 
+def accuracy_by_class(judged: np.ndarray, truth: np.ndarray, class_names) -> dict:
+    """The share of ``judged`` equal to ``truth``, overall and per true class (classes absent from
+    ``truth`` left out)."""
+    right = judged == truth
+    return {"right": round(float(right.mean()), 4),
+            "by class": {name: round(float(right[truth == k].mean()), 4)
+                         for k, name in enumerate(class_names) if (truth == k).any()}}
+
+
+@torch.no_grad()
+def static_by_dynamic_source(model, judge, data, factor: str, seed: int = 0) -> dict:
+    """s of each test sequence (posterior mean) decoded with z_1:T from three sources: the
+    sequence's own posterior (means: its reconstruction), another sequence's (the swaps of
+    ``cdsvae eval``) and the prior (its fixed-static generations); the last two are the first
+    round of ``cdsvae eval --seed seed``. Per source, ``factor`` judged right, overall and per
+    class: a static factor drawn right from real trajectories and wrong from the prior's is the
+    decoder's or the prior's, not s's (bench/RESULTS.md, fifteenth session)."""
+    truth = np.asarray(data.test.labels[factor])
+    _, judged = cdsvae.judged_generations(model, judge, data, "cpu", seed)
+    own = []
+    for start in range(0, len(truth), 256):
+        encoding = model.encode(cdsvae.to_frames(data.test.sequences[start:start + 256], "cpu"))
+        frames = model.decode(encoding.static_mean, encoding.dynamic_mean)
+        own.append(cdsvae.judge_probabilities(judge, frames)[factor].argmax(1))
+    sources = {"own posterior": np.concatenate(own), "another sequence's posterior": judged["swap"][factor].argmax(1),
+               "prior": judged["fixed_static"][factor].argmax(1)}
+    return {name: accuracy_by_class(judged_class, truth, data.classes[factor])
+            for name, judged_class in sources.items()}
+
+
 def fail(message: str) -> None:
     """Bad input: one line on stderr, exit status 2."""
     print(f"error: {message}", file=sys.stderr)
@@ -171,6 +204,8 @@ def main():
         if args.static_factor:
             print(json.dumps({"static_errors": args.static_factor, "by_match_of": args.factor,
                               **static_errors_by_dynamic_match(swaps, data, args.static_factor, args.factor)}))
+            print(json.dumps({"static_by_z_source": args.static_factor,
+                              **static_by_dynamic_source(model, judge, data, args.static_factor)}))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,14 @@
 """bench/diagnose.py: the static factor's swap errors split by the dynamic factor's match,
-against a direct count over the same swaps."""
+against a direct count over the same swaps; the static factor per z source against the
+evaluation's own numbers."""
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
+import torch
+
+import cdsvae
+from data_prep import shapes
 
 
 def test_static_errors_by_dynamic_match_counts_each_kind_of_pair(load_bench):
@@ -31,3 +37,29 @@ def test_static_errors_by_dynamic_match_counts_each_kind_of_pair(load_bench):
         lambda i: direction[action[i]] != direction[action[partners[i]]])
     assert sum(report[f"other action, part 1 {k}"]["pairs"] for k in ("shared", "differs")) + \
         report["same action"]["pairs"] == count
+
+
+def test_static_by_dynamic_source_agrees_with_eval_and_counts_each_class(load_bench):
+    diagnose = load_bench("diagnose")
+    truth, judged = np.array([0, 0, 1, 1, 1, 3]), np.array([0, 1, 1, 1, 0, 3])
+    assert diagnose.accuracy_by_class(judged, truth, ["a", "b", "c", "d"]) == \
+        {"right": round(4 / 6, 4), "by class": {"a": 0.5, "b": round(2 / 3, 4), "d": 1.0}}
+
+    torch.manual_seed(0)
+    videos, labels = shapes.render(64, 1, size=16)
+    split = cdsvae.Split(videos, labels)
+    data = cdsvae.Dataset("shapes", split, split, shapes.KINDS, shapes.LABELS)
+    cfg = cdsvae.Config(frame_shape=(3, 16, 16), static_dim=4, dynamic_dim=2, feature_dim=8, hidden_dim=8,
+                        conv_width=4)
+    model = cdsvae.CDSVAE(cfg).eval()
+    judge = cdsvae.Judge(cfg, shapes.LABELS).eval()
+    judge.kinds = dict(shapes.KINDS)
+    report = diagnose.static_by_dynamic_source(model, judge, data, "colour", seed=3)
+    evaluation = cdsvae.evaluate(model, judge, data, "cpu", repeat=1, seed=3)["results"]
+    assert report["prior"]["right"] == round(evaluation["fixed_static/colour"]["acc"]["mean"], 4)
+    assert report["another sequence's posterior"]["right"] == round(evaluation["swap/colour"]["acc"]["mean"], 4)
+    with torch.no_grad():
+        encoding = model.encode(cdsvae.to_frames(videos, "cpu"))
+        own = judge(model.decode(encoding.static_mean, encoding.dynamic_mean))["colour"].argmax(1).numpy()
+    assert report["own posterior"] == diagnose.accuracy_by_class(own, np.asarray(labels["colour"]), shapes.LABELS["colour"])
+    assert report["own posterior"]["right"] == pytest.approx(np.mean(own == np.asarray(labels["colour"])), abs=1e-4)

@@ -109,10 +109,13 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
     assert (tmp_path / "whole" / "metrics.jsonl").read_text() == (out / "metrics.jsonl").read_text()
 
 
-@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
+# The third case cuts the critics of I(z;s) mid warm-up (from step 4, full weight at 6): their
+# weights, their optimiser state and the warm-up's step counter must survive the resume too.
+@pytest.mark.parametrize("stop_signal, critics", [(signal.SIGTERM, {}), (signal.SIGINT, {}),
+                                                  (signal.SIGTERM, dict(club=1.0, pair_critic=1.0, club_start=4))])
 def test_a_signal_in_mid_epoch_saves_that_step_and_resume_ends_as_an_uninterrupted_run(tmp_path, monkeypatch,
-                                                                                        stop_signal):
-    cdsvae.train(small_cfg(epochs=3), small_data(), tmp_path / "whole", show_progress=False, log_every=1)
+                                                                                        stop_signal, critics):
+    cdsvae.train(small_cfg(epochs=3, **critics), small_data(), tmp_path / "whole", show_progress=False, log_every=1)
     handlers = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
     learning_rate = cdsvae.learning_rate
 
@@ -122,14 +125,16 @@ def test_a_signal_in_mid_epoch_saves_that_step_and_resume_ends_as_an_uninterrupt
         return learning_rate(cfg, step, total_steps, budget_used)
     monkeypatch.setattr(cdsvae, "learning_rate", signalled_at_step_6)
     with pytest.raises(cdsvae.TrainingInterrupted, match=f"stopped by {stop_signal.name} after step 6") as stop:
-        cdsvae.train(small_cfg(epochs=3), small_data(), tmp_path / "cut", show_progress=False, log_every=1)
+        cdsvae.train(small_cfg(epochs=3, **critics), small_data(), tmp_path / "cut", show_progress=False,
+                     log_every=1)
     assert stop.value.exit_status == 128 + stop_signal
     assert {number: signal.getsignal(number) for number in handlers} == handlers      # restored
     saved = cdsvae.read_checkpoint(tmp_path / "cut" / "last.pt")
     assert (saved["step"], saved["epoch"], saved["position"]) == (6, 1, 2)
     assert not (tmp_path / "cut" / "train.lock").exists()
     monkeypatch.setattr(cdsvae, "learning_rate", learning_rate)
-    cdsvae.train(small_cfg(epochs=3), small_data(), tmp_path / "cut", show_progress=False, log_every=1, resume=True)
+    cdsvae.train(small_cfg(epochs=3, **critics), small_data(), tmp_path / "cut", show_progress=False, log_every=1,
+                 resume=True)
     whole = cdsvae.read_checkpoint(tmp_path / "whole" / "last.pt")
     resumed = cdsvae.read_checkpoint(tmp_path / "cut" / "last.pt")
     assert whole["step"] == resumed["step"] == 12
