@@ -913,11 +913,11 @@ SCALES = {
     # estimate weighed 10 (ours: its classifier sees what CLUB's Gaussian misses, and s_dynamic
     # fell from 0.437 / 0.375 to 0.274 / 0.248 with two seeds), and with both critics the paper's
     # alpha 1 back on KL_z, KL_s kept at 0.6 (s fixed and z drawn from the prior, the skin's
-    # validation score ahead of every run without it from 7000 steps on); SM-MNIST takes alpha 0.1 (the
-    # KL nearly free: s holds more of the digits). The epochs only cap a --time-budget run (for
-    # Sprites 300: at 100, DSVAE's cheaper step reached the cap after 46 of 60 minutes). MUG
-    # and your own videos follow Sprites without the mirror, the critics and alpha 1 on KL_z, with beta 10 (untested
-    # on MUG: it is licensed and absent here).
+    # validation score ahead of every 25-minute run without it at 7000 and 8000 steps); SM-MNIST
+    # takes alpha 0.1 (the KL nearly free: s holds more of the digits). The epochs only cap a
+    # --time-budget run (for Sprites 300: at 100, DSVAE's cheaper step reached the cap after 46
+    # of 60 minutes). MUG and your own videos follow Sprites without the mirror, the critics and
+    # alpha 1 on KL_z, with beta 10 (untested on MUG: it is licensed and absent here).
     "cpu": {"sprites": dict(CPU_VIDEO_WITHOUT_FLIP, content_flip=True, beta=20.0, club=10.0,
                        pair_critic=10.0, club_start=2000, alpha=1.0, alpha_static=0.6, epochs=300),
             "mug": CPU_VIDEO_WITHOUT_FLIP,
