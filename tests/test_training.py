@@ -131,6 +131,9 @@ def test_a_signal_in_mid_epoch_saves_that_step_and_resume_ends_as_an_uninterrupt
     assert {number: signal.getsignal(number) for number in handlers} == handlers      # restored
     saved = cdsvae.read_checkpoint(tmp_path / "cut" / "last.pt")
     assert (saved["step"], saved["epoch"], saved["position"]) == (6, 1, 2)
+    if critics:                                   # the critics trained, and the warm-up's counter was saved
+        assert int(saved["state_dict"]["club_step"]) == 6
+        assert '"mi_zs_ratio"' in (tmp_path / "whole" / "metrics.jsonl").read_text()
     assert not (tmp_path / "cut" / "train.lock").exists()
     monkeypatch.setattr(cdsvae, "learning_rate", learning_rate)
     cdsvae.train(small_cfg(epochs=3, **critics), small_data(), tmp_path / "cut", show_progress=False, log_every=1,
