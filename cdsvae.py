@@ -970,6 +970,9 @@ def load_dataset(name: Optional[str], data_dir: Optional[str] = None, size: Opti
     built-in shapes, or SM-MNIST from a folder of MNIST IDX files."""
     if data_dir is not None and (Path(data_dir) / "meta.json").is_file():
         return load_prepared(Path(data_dir), name)
+    if data_dir is not None and name is None:     # a mistyped folder must not train on shapes
+        raise UserError(f"{data_dir} has no meta.json; expected a folder written by 'cdsvae prepare', "
+                        f"or --data sm-mnist for a folder of MNIST IDX files")
     name = name or "shapes"
     if name not in PRESETS:
         raise UserError(f"unknown dataset '{name}'; expected one of {', '.join(PRESETS)}")
@@ -2519,6 +2522,10 @@ def eval_command(
                 tuple(dataset.frame_shape) != tuple(classifier.cfg.frame_shape):
             raise UserError(f"frames {dataset.frame_shape} of the data, {model.cfg.frame_shape} of the "
                             f"model and {classifier.cfg.frame_shape} of the judge; expected all the same")
+        missing = [factor for factor in classifier.classes if factor not in dataset.test.labels]
+        if missing:
+            raise UserError(f"the judge scores {', '.join(classifier.classes)}, the data has no "
+                            f"{', '.join(missing)}; expected a judge trained on this data")
         report = evaluate(model, classifier, dataset, resolved, repeat, seed)
         report["checkpoint"] = model.description
         if "speaker" in dataset.kinds and not model.cfg.is_video:

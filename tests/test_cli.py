@@ -194,6 +194,10 @@ def test_train_rejects_bad_options(tmp_path):
     assert_user_error(run("train", "--pair-critic", -1, "--out", tmp_path / "r"), "--pair-critic must be non-negative")
     assert_user_error(run("train", "--data", "sm-mnist", "--data-dir", tmp_path / "absent",
                           "--out", tmp_path / "r"), "MNIST")
+    # a mistyped --data-dir (no meta.json) must not train on the built-in shapes instead
+    assert_user_error(run("train", "--data-dir", tmp_path / "absent", "--out", tmp_path / "r"),
+                      "absent has no meta.json; expected a folder written by 'cdsvae prepare'")
+    assert not (tmp_path / "r").exists()
     assert_user_error(run("train", "--device", "cuda:7" if not torch.cuda.is_available() else "tpu",
                           "--out", tmp_path / "r"), "expected")
     assert_user_error(run("train", "--precision", "fp8", "--out", tmp_path / "r"), "expected auto, fp32 or bf16")

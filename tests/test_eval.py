@@ -142,6 +142,18 @@ def test_eval_cli_writes_json_and_rejects_a_bad_judge(tmp_path):
     result = runner.invoke(cdsvae.app, ["eval", "--ckpt", str(tmp_path / "m.pt"), "--judge", str(tmp_path / "m.pt"),
                                         *data_args, "--device", "cpu"])
     assert result.exit_code == 2 and result.output.startswith("error: ") and "not a cdsvae judge" in result.output
+    # a judge of other factors (the shapes judge with its colour head renamed skin): one line, not a KeyError
+    payload = torch.load(tmp_path / "j.pt", weights_only=True)
+    rename = lambda name: name.replace("colour", "skin")  # noqa: E731
+    payload["classes"] = {rename(f): names for f, names in payload["classes"].items()}
+    payload["kinds"] = {rename(f): kind for f, kind in payload["kinds"].items()}
+    payload["state_dict"] = {rename(k): v for k, v in payload["state_dict"].items()}
+    torch.save(payload, tmp_path / "other.pt")
+    result = runner.invoke(cdsvae.app, ["eval", "--ckpt", str(tmp_path / "m.pt"), "--judge", str(tmp_path / "other.pt"),
+                                        *data_args, "--device", "cpu", "-o", str(tmp_path / "other.json")])
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+    assert "the data has no skin; expected a judge trained on this data" in result.output
+    assert not (tmp_path / "other.json").exists()
 
 
 def test_all_static_accuracy_counts_generations_with_every_static_factor_right(monkeypatch):
