@@ -1245,9 +1245,10 @@ def train_judge(data: Dataset, device, epochs: int, out: Path, seed: int = 0, ba
     return accuracy
 
 
-def load_judge(path, device="cpu", frame_shape: Optional[tuple] = None) -> Judge:
+def load_judge(path, device="cpu", frame_shape: Optional[tuple] = None, factors=None) -> Judge:
     """A judge written by ``cdsvae judge`` (``weights_only=True``: unpickling runs no code);
-    with ``frame_shape``, one that scores frames of that shape (UserError otherwise)."""
+    with ``frame_shape``, one that scores frames of that shape, with ``factors`` (the data's
+    label names), one whose factors are all among them (UserError otherwise)."""
     payload = _load_payload(path, device, JUDGE_FORMAT, "judge", "judge")
     try:
         config, classes = config_from_dict(payload["config"]), payload["classes"]
@@ -1261,6 +1262,10 @@ def load_judge(path, device="cpu", frame_shape: Optional[tuple] = None) -> Judge
     if frame_shape is not None and tuple(judge.cfg.frame_shape) != tuple(frame_shape):
         raise UserError(f"{path}: judge for frames {tuple(judge.cfg.frame_shape)}, the data has "
                         f"{tuple(frame_shape)}; expected the same")
+    missing = [factor for factor in judge.classes if factors is not None and factor not in factors]
+    if missing:
+        raise UserError(f"{path}: the judge scores {', '.join(judge.classes)}, the data has no "
+                        f"{', '.join(missing)}; expected a judge trained on this data")
     return judge.to(device).eval()
 
 
@@ -2349,7 +2354,7 @@ def train_command(
         if judge is not None:
             if eval_every == 0:
                 raise UserError("--judge scores model selection; expected it with --eval-every N")
-            classifier = load_judge(judge, resolved, dataset.frame_shape)
+            classifier = load_judge(judge, resolved, dataset.frame_shape, dataset.test.labels)
         summary = train(cfg, dataset, out, resolved, log_every, resume=resume, keep=keep,
                         max_nonfinite=max_nonfinite, sync_bn=sync_bn, precision=precision,
                         time_budget=None if time_budget is None else 60.0 * time_budget,
@@ -2516,16 +2521,12 @@ def eval_command(
             raise UserError(f"--repeat must be at least 1, got {repeat}")
         resolved = _check_device(device)
         model = load_model(ckpt, resolved)
-        classifier = load_judge(judge, resolved)
         dataset = load_dataset(data, str(data_dir) if data_dir else None, frame_size, seed)
+        classifier = load_judge(judge, resolved, factors=dataset.test.labels)
         if tuple(dataset.frame_shape) != tuple(model.cfg.frame_shape) or \
                 tuple(dataset.frame_shape) != tuple(classifier.cfg.frame_shape):
             raise UserError(f"frames {dataset.frame_shape} of the data, {model.cfg.frame_shape} of the "
                             f"model and {classifier.cfg.frame_shape} of the judge; expected all the same")
-        missing = [factor for factor in classifier.classes if factor not in dataset.test.labels]
-        if missing:
-            raise UserError(f"the judge scores {', '.join(classifier.classes)}, the data has no "
-                            f"{', '.join(missing)}; expected a judge trained on this data")
         report = evaluate(model, classifier, dataset, resolved, repeat, seed)
         report["checkpoint"] = model.description
         if "speaker" in dataset.kinds and not model.cfg.is_video:
