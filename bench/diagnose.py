@@ -148,9 +148,10 @@ def static_by_dynamic_source(model, judge, data, factor: str, seed: int = 0) -> 
     """s of each test sequence (posterior mean) decoded with z_1:T from three sources: the
     sequence's own posterior (means: its reconstruction), another sequence's (the swaps of
     ``cdsvae eval``) and the prior (its fixed-static generations); the last two are the first
-    round of ``cdsvae eval --seed seed``. Per source, ``factor`` judged right, overall and per
-    class: a static factor drawn right from real trajectories and wrong from the prior's is the
-    decoder's or the prior's, not s's (bench/RESULTS.md, fifteenth session)."""
+    round of ``cdsvae eval --seed seed`` (its fixed-dynamic generations, unused here, are made
+    all the same: they come first from the random stream). Per source, ``factor`` judged right,
+    overall and per class: a static factor drawn right from real trajectories and wrong from the
+    prior's is the decoder's or the prior's, not s's (bench/RESULTS.md, fifteenth session)."""
     truth = np.asarray(data.test.labels[factor])
     _, judged = cdsvae.judged_generations(model, judge, data, "cpu", seed)
     own = []
