@@ -394,6 +394,21 @@ def test_cosine_schedule_under_a_time_budget_decays_with_the_minutes(tmp_path):
     assert optimizer["param_groups"][0]["lr"] == 0.0       # the last step of the budget: the cosine's end
 
 
+
+def test_decay_fraction_keeps_the_rate_then_cools_down_over_the_last_part(tmp_path):
+    cfg = small_cfg(lr=0.01, lr_schedule="cosine", decay_fraction=0.25)
+    # 20 steps, the last quarter (progress 0.75 -> 1) decays: steps 0..15 at lr, then k/5 down the cosine
+    expected = [0.01] * 15 + [0.005 * (1 + math.cos(math.pi * k / 5)) for k in range(6)]
+    assert [cdsvae.learning_rate(cfg, step, 20) for step in range(21)] == pytest.approx(expected)
+    assert cdsvae.learning_rate(cfg, 3, 1000, budget_used=0.7) == 0.01                   # minutes: not yet
+    assert cdsvae.learning_rate(cfg, 3, 1000, budget_used=0.875) == pytest.approx(0.005)   # half-way down
+    with_warmup = small_cfg(lr=0.01, lr_schedule="cosine", warmup_steps=4, decay_fraction=0.5)
+    assert cdsvae.learning_rate(with_warmup, 1, 12) == pytest.approx(0.005)                # warm-up first
+    assert cdsvae.learning_rate(with_warmup, 7, 12) == 0.01          # (7 - 4) / 8 of the rest: constant
+    assert cdsvae.learning_rate(with_warmup, 10, 12) == pytest.approx(0.005 * (1 + math.cos(math.pi * 0.5)))
+    with pytest.raises(cdsvae.UserError, match="--decay-fraction must be in"):
+        cdsvae.check_config(small_cfg(decay_fraction=1.5))
+
 class RecordingSequences:
     """Training sequences that remember which indices each read asked for."""
 
