@@ -394,8 +394,7 @@ def test_cosine_schedule_under_a_time_budget_decays_with_the_minutes(tmp_path):
     assert optimizer["param_groups"][0]["lr"] == 0.0       # the last step of the budget: the cosine's end
 
 
-
-def test_decay_fraction_keeps_the_rate_then_cools_down_over_the_last_part(tmp_path):
+def test_decay_fraction_keeps_the_rate_then_cools_down_over_the_last_part():
     cfg = small_cfg(lr=0.01, lr_schedule="cosine", decay_fraction=0.25)
     # 20 steps, the last quarter (progress 0.75 -> 1) decays: steps 0..15 at lr, then k/5 down the cosine
     expected = [0.01] * 15 + [0.005 * (1 + math.cos(math.pi * k / 5)) for k in range(6)]
@@ -408,6 +407,7 @@ def test_decay_fraction_keeps_the_rate_then_cools_down_over_the_last_part(tmp_pa
     assert cdsvae.learning_rate(with_warmup, 10, 12) == pytest.approx(0.005 * (1 + math.cos(math.pi * 0.5)))
     with pytest.raises(cdsvae.UserError, match="--decay-fraction must be in"):
         cdsvae.check_config(small_cfg(decay_fraction=1.5))
+
 
 class RecordingSequences:
     """Training sequences that remember which indices each read asked for."""
