@@ -1266,10 +1266,11 @@ def load_judge(path, device="cpu", frame_shape: Optional[tuple] = None, factors=
     if frame_shape is not None and tuple(judge.cfg.frame_shape) != tuple(frame_shape):
         raise UserError(f"{path}: judge for frames {tuple(judge.cfg.frame_shape)}, the data has "
                         f"{tuple(frame_shape)}; expected the same")
-    missing = [factor for factor in judge.classes if factors is not None and factor not in factors]
-    if missing:
-        raise UserError(f"{path}: the judge scores {', '.join(judge.classes)}, the data has no "
-                        f"{', '.join(missing)}; expected a judge trained on this data")
+    if factors is not None:
+        missing = [factor for factor in judge.classes if factor not in factors]
+        if missing:
+            raise UserError(f"{path}: the judge scores {', '.join(judge.classes)}, the data has no "
+                            f"{', '.join(missing)}; expected a judge trained on this data")
     return judge.to(device).eval()
 
 
@@ -2359,6 +2360,10 @@ def train_command(
         cfg = Config(**{**preset(dataset.name, scale), **overrides, **choices}, frame_shape=dataset.frame_shape,
                      frames=dataset.train.sequences.shape[1], mi=mi, content_aug=content_aug,
                      motion_aug=motion_aug, seed=seed)
+        check_config(cfg)                                    # (train checks again) its range first
+        if decay_fraction is not None and cfg.lr_schedule != "cosine":
+            raise UserError(f"--decay-fraction shapes the cosine schedule, and this run's is {cfg.lr_schedule}; "
+                            "expected --lr-schedule cosine with it")
         if eval_every < 0:
             raise UserError(f"--eval-every must be 0 (off) or a number of steps, got {eval_every}")
         classifier = None

@@ -4,7 +4,7 @@ alone with the Bernoulli likelihood (no KL, no MI), time-budgeted on one core.
     python bench/sm_mnist_autoencoders.py frame --mnist-dir MNIST_DIR --minutes 6
     python bench/sm_mnist_autoencoders.py sequence --mnist-dir MNIST_DIR --minutes 6 \
         [--dynamic-dim 40] [--pool mean] [--decoder-mlp 256] [--one-digit | --ordered] [--curriculum 6]
-        [--slots 2] [--broadcast 8] [--film] [--glyphs 2 [--heatmap] [--pairings]] [--dynamic-sees-static]
+        [--slots 2] [--broadcast 8] [--film] [--glyphs 2 [--heatmap] [--pairings] [--glimpses]] [--dynamic-sees-static]
         [--window 8]
 
 - ``frame``: ConvFrameEncoder -> linear -> ConvFrameDecoder on single frames (batch 128
@@ -21,7 +21,8 @@ alone with the Bernoulli likelihood (no KL, no MI), time-budgeted on one core.
   on a GxG grid; ``--film`` lets s modulate every decoder stage; ``--glyphs K`` lets s draw K
   glyphs that z_t places (one centre each, or with ``--heatmap`` a distribution over corners;
   ``--pairings`` makes each frame's likelihood the mixture over every assignment of the glyphs to
-  z_t's places, so that s and z_t need no common order). Encoder:
+  z_t's places, so that s and z_t need no common order; ``--glimpses`` reads each glyph's part of
+  s from the glimpses of the frames at that glyph's centres). Encoder:
   ``--dynamic-sees-static`` feeds s to the dynamic posterior's LSTM at every step.
 
 Prints the test BCE per frame, a probe of the digits from s (sequence) or from the frame
@@ -161,10 +162,24 @@ class GlyphDecoder(nn.Module):
         """Logits (K!, N, C, H, W): the frames drawn with every assignment of glyphs to places."""
         return torch.stack([self(latent, order) for order in itertools.permutations(range(self.slots))])
 
+    def centres(self, dynamic):
+        """(N K, 2): each glyph's centre, a linear map of z_t, in [-0.5, 0.5] of the frame."""
+        return 0.5 * torch.tanh(self.where(dynamic)).view(len(dynamic) * self.slots, 2)
+
+    def glimpses(self, frames, dynamic):
+        """(N K, C, g, g): the window of each frame, of a glyph's size, at each glyph's centre (the
+        inverse of ``moved``): what is drawn where glyph k goes."""
+        N, K = len(dynamic), self.slots
+        theta = dynamic.new_zeros(N * K, 2, 3)
+        theta[:, 0, 0] = theta[:, 1, 1] = self.glyph_size / self.frame[1]
+        theta[:, :, 2] = self.centres(dynamic)
+        grid = F.affine_grid(theta, (N * K, self.frame[0], self.glyph_size, self.glyph_size), align_corners=False)
+        return F.grid_sample(frames.repeat_interleave(K, 0), grid, align_corners=False)
+
     def moved(self, glyphs, dynamic):
         """Each glyph moved to the centre a linear map of z_t gives (a spatial transformer)."""
         N, K = len(dynamic), self.slots
-        centres = 0.5 * torch.tanh(self.where(dynamic)).view(N * K, 2)            # in [-0.5, 0.5]
+        centres = self.centres(dynamic)
         scale = self.frame[1] / self.glyph_size
         theta = dynamic.new_zeros(N * K, 2, 3)
         theta[:, 0, 0] = theta[:, 1, 1] = scale
@@ -225,10 +240,16 @@ def main():
     parser.add_argument("--pairings", action="store_true",
                         help="with --glyphs: p(x_t | s, z_t) is the mixture, with equal weights, over every "
                              "assignment of the K glyphs to z_t's K places, so that s and z_t need no common order")
+    parser.add_argument("--glimpses", action="store_true",
+                        help="with --glyphs (one centre each): s_k is read where glyph k goes, the mean over time "
+                             "of a small encoder of the glimpse of x_t at glyph k's centre, so glyph k's identity "
+                             "and its place come from the same spot and need no common order")
     parser.add_argument("--png", type=Path, default=Path("autoencoder.png"))
     args = parser.parse_args()
     if args.pairings and not args.glyphs:
         parser.error("--pairings needs --glyphs K")
+    if args.glimpses and (not args.glyphs or args.heatmap or args.pairings):
+        parser.error("--glimpses needs --glyphs K, without --heatmap and --pairings")
     torch.set_num_threads(1)
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
@@ -262,6 +283,12 @@ def main():
         model.frame_decoder = FilmDecoder(cfg)
     if args.glyphs:
         model.frame_decoder = GlyphDecoder(cfg, args.glyphs, args.heatmap)
+    glimpse_encoder = None
+    if args.glimpses:        # glimpse (g x g) -> the part of s of one glyph
+        glimpse_encoder = nn.Sequential(
+            nn.Conv2d(1, 32, 4, 2, 1), nn.LeakyReLU(0.2), nn.Conv2d(32, 64, 4, 2, 1), nn.LeakyReLU(0.2),
+            nn.Flatten(), nn.Linear(64 * (model.frame_decoder.glyph_size // 4) ** 2, 128), nn.LeakyReLU(0.2),
+            nn.Linear(128, cfg.static_dim // args.glyphs))
     slot_decoder = None
     if args.slots > 1:
         slot_cfg = cdsvae.Config(**{**vars(cfg), "frame_shape": cfg.frame_shape,
@@ -269,7 +296,8 @@ def main():
         slot_decoder = cdsvae.ConvFrameDecoder(slot_cfg)
     optimizer = torch.optim.Adam([*model.parameters(), *projection.parameters(), *pooler.parameters(),
                                   *(static_gates.parameters() if static_gates else []),
-                                  *(slot_decoder.parameters() if slot_decoder else [])], 2e-3)
+                                  *(slot_decoder.parameters() if slot_decoder else []),
+                                  *(glimpse_encoder.parameters() if glimpse_encoder else [])], 2e-3)
 
     def decode_logits(static, dynamic):
         if slot_decoder is None:
@@ -292,6 +320,10 @@ def main():
                                                  posterior.head.bias, zeros)[1]
         else:
             dynamic = model.dynamic_posterior(features, zeros)[1]
+        if glimpse_encoder is not None:   # s_k: the mean over time of what is where glyph k goes
+            B, T = dynamic.shape[:2]
+            seen = glimpse_encoder(model.frame_decoder.glimpses(x.flatten(0, 1), dynamic.flatten(0, 1)))
+            static = seen.view(B, T, args.glyphs, -1).mean(1).flatten(1)
         return static, dynamic
 
     def pairing_nll(static, dynamic, x):

@@ -206,6 +206,8 @@ def test_train_rejects_bad_options(tmp_path):
     assert_user_error(run("train", "--lr-schedule", "step", "--out", tmp_path / "r"), "expected constant or cosine")
     assert_user_error(run("train", "--decay-fraction", 1.5, "--out", tmp_path / "r"), "--decay-fraction must be in (0, 1]")
     assert_user_error(run("train", "--decay-fraction", 0, "--out", tmp_path / "r"), "--decay-fraction must be positive")
+    assert_user_error(run("train", "--decay-fraction", 0.3, "--out", tmp_path / "r"),  # shapes: constant rate
+                      "expected --lr-schedule cosine with it")
     assert_user_error(run("train", "--mi-rollout", "x", "--out", tmp_path / "r"), "expected sampled or mean")
     assert_user_error(run("train", "--eval-every", -1, "--out", tmp_path / "r"), "--eval-every")
     assert_user_error(run("train", "--judge", tmp_path / "j.pt", "--out", tmp_path / "r"), "expected it with --eval-every")
