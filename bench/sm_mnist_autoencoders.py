@@ -244,6 +244,7 @@ def main():
                         help="with --glyphs (one centre each): s_k is read where glyph k goes, the mean over time "
                              "of a small encoder of the glimpse of x_t at glyph k's centre, so glyph k's identity "
                              "and its place come from the same spot and need no common order")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and of the batches")
     parser.add_argument("--png", type=Path, default=Path("autoencoder.png"))
     args = parser.parse_args()
     if args.pairings and not args.glyphs:
@@ -251,8 +252,8 @@ def main():
     if args.glimpses and (not args.glyphs or args.heatmap or args.pairings):
         parser.error("--glimpses needs --glyphs K, without --heatmap and --pairings")
     torch.set_num_threads(1)
-    torch.manual_seed(0)
-    rng = np.random.default_rng(0)
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
     data = cdsvae.load_dataset("sm-mnist", args.mnist_dir)
     one_digit_train = None
     if args.one_digit or args.curriculum:
