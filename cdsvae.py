@@ -2360,7 +2360,7 @@ def train_command(
         cfg = Config(**{**preset(dataset.name, scale), **overrides, **choices}, frame_shape=dataset.frame_shape,
                      frames=dataset.train.sequences.shape[1], mi=mi, content_aug=content_aug,
                      motion_aug=motion_aug, seed=seed)
-        check_config(cfg)                                    # (train checks again) its range first
+        check_config(cfg)                # values out of range first (train checks again)
         if decay_fraction is not None and cfg.lr_schedule != "cosine":
             raise UserError(f"--decay-fraction shapes the cosine schedule, and this run's is {cfg.lr_schedule}; "
                             "expected --lr-schedule cosine with it")
