@@ -169,23 +169,24 @@ class GlyphDecoder(nn.Module):
     def glimpses(self, frames, dynamic):
         """(N K, C, g, g): the window of each frame, of a glyph's size, at each glyph's centre (the
         inverse of ``moved``): what is drawn where glyph k goes."""
-        N, K = len(dynamic), self.slots
-        theta = dynamic.new_zeros(N * K, 2, 3)
-        theta[:, 0, 0] = theta[:, 1, 1] = self.glyph_size / self.frame[1]
-        theta[:, :, 2] = self.centres(dynamic)
-        grid = F.affine_grid(theta, (N * K, self.frame[0], self.glyph_size, self.glyph_size), align_corners=False)
-        return F.grid_sample(frames.repeat_interleave(K, 0), grid, align_corners=False)
+        size = (self.frame[0], self.glyph_size, self.glyph_size)
+        return scaled_and_shifted(frames.repeat_interleave(self.slots, 0), self.glyph_size / self.frame[1],
+                                  self.centres(dynamic), size)
 
     def moved(self, glyphs, dynamic):
         """Each glyph moved to the centre a linear map of z_t gives (a spatial transformer)."""
-        N, K = len(dynamic), self.slots
-        centres = self.centres(dynamic)
         scale = self.frame[1] / self.glyph_size
-        theta = dynamic.new_zeros(N * K, 2, 3)
-        theta[:, 0, 0] = theta[:, 1, 1] = scale
-        theta[:, :, 2] = -scale * centres
-        grid = F.affine_grid(theta, (N * K, *self.frame), align_corners=False)
-        return F.grid_sample(glyphs, grid, align_corners=False)
+        return scaled_and_shifted(glyphs, scale, -scale * self.centres(dynamic), self.frame)
+
+
+def scaled_and_shifted(images, scale: float, shift, size):
+    """``images`` (M, C, h, w) resampled onto (M, *size): output point u (in [-1, 1]) reads the
+    input at scale * u + shift (``shift`` (M, 2)); bilinear, zeros outside."""
+    theta = shift.new_zeros(len(shift), 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = scale
+    theta[:, :, 2] = shift
+    grid = F.affine_grid(theta, (len(shift), *size), align_corners=False)
+    return F.grid_sample(images, grid, align_corners=False)
 
 
 class FilmDecoder(nn.Module):
