@@ -64,7 +64,7 @@ def main():
     x = cdsvae.to_frames(data.test.sequences[:args.batch], "cpu")
     B, N = x.shape[0], model.cfg.dataset_size
     features = model.encode_frames(x)
-    q = model.sample_posterior(features)
+    q = model.sample_posterior(x, features)
     s_terms = (q.static, q.static_mean, q.static_logvar)
     per_step = cdsvae.mws_mi_zs(*s_terms, q.dynamic, q.dynamic_mean, q.dynamic_logvar, N).item()
     _, mean_rollout, mean_logvar = model.dynamic_posterior(features, torch.zeros_like(q.dynamic))

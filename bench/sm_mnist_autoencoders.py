@@ -31,6 +31,7 @@ the reconstruction with the next sequence's s). Results: bench/RESULTS.md, fifth
 twelfth sessions.
 """
 import argparse
+import dataclasses
 import inspect
 import itertools
 import json
@@ -46,6 +47,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cdsvae  # noqa: E402
+from cdsvae import union_logits  # noqa: E402
 from data_prep import sm_mnist  # noqa: E402
 
 
@@ -74,12 +76,6 @@ def variant_split(pool, count: int, seed: int, variant: str) -> cdsvae.Split:
     exec(source, namespace)
     videos, labels, _ = namespace["generate"](*pool, count, seed, size=32, frames=15)
     return cdsvae.Split(videos, labels)
-
-
-def union_logits(log_none):
-    """Logits of p = 1 - exp(log_none), where log_none = log prod_k (1 - p_k) < 0: the union of
-    K drawings, each pixel drawn unless no drawing has it."""
-    return torch.log(-torch.expm1(log_none)) - log_none
 
 
 def mixture_nll(logits, frames):
@@ -114,34 +110,19 @@ class BroadcastDecoder(nn.Module):
         return self.net(torch.cat([tiled, self.coords.expand(len(latent), -1, -1, -1)], 1))
 
 
-class GlyphDecoder(nn.Module):
-    """s draws K glyphs, z_t places them: s splits into K parts, each drawn by one shared small
-    decoder as a glyph of half the frame's size; a linear map of z_t gives each glyph's centre;
-    the glyphs are moved there (a spatial transformer: ``affine_grid`` + ``grid_sample``) and
-    combined as a union, p = 1 - (1 - p_background) prod_k (1 - p_k). The generative process
-    of SM-MNIST written as a decoder: where a digit is, is an input of the drawing, not
-    something the decoder's convolutions must learn to do."""
+class GlyphDecoder(cdsvae.GlyphDecoder):
+    """The model's glyph decoder (``cdsvae.GlyphDecoder``: s draws K glyphs, z_t places them, a
+    union combines them), with two bench options: ``heatmap`` (z_t gives each glyph a distribution
+    over its top-left corners, the glyph drawn at each, weighted, instead of one centre) and an
+    ``order`` of the glyphs for the pairings' mixture."""
 
-    def __init__(self, cfg, slots: int, heatmap: bool = False, width: int = 32):
-        super().__init__()
-        self.static_dim, self.slots = cfg.static_dim, slots
-        self.frame = cfg.frame_shape
-        self.glyph_size = cfg.frame_shape[1] // 2
-        part = cfg.static_dim // slots
-        layers = [nn.Linear(part, 2 * width * 16), nn.Unflatten(1, (2 * width, 4, 4)),
-                  nn.BatchNorm2d(2 * width), nn.LeakyReLU(0.2)]
-        size, channels = 4, 2 * width
-        while size < self.glyph_size // 2:
-            layers += [nn.ConvTranspose2d(channels, channels // 2, 4, 2, 1, bias=False), nn.BatchNorm2d(channels // 2),
-                       nn.LeakyReLU(0.2)]
-            channels, size = channels // 2, size * 2
-        layers += [nn.ConvTranspose2d(channels, cfg.frame_shape[0], 4, 2, 1)]
-        self.glyph = nn.Sequential(*layers)
+    def __init__(self, cfg, slots: int, heatmap: bool = False):
+        super().__init__(dataclasses.replace(cfg, glyphs=slots))
         self.heatmap = heatmap
         self.places = cfg.frame_shape[1] - self.glyph_size + 1      # top-left corners a glyph can take
-        self.where = nn.Linear(cfg.dynamic_dim, 2 * slots) if not heatmap else nn.Sequential(
-            nn.Linear(cfg.dynamic_dim, 128), nn.LeakyReLU(0.2), nn.Linear(128, slots * self.places ** 2))
-        self.background = nn.Parameter(torch.tensor(-6.0))
+        if heatmap:
+            self.where = nn.Sequential(nn.Linear(cfg.dynamic_dim, 128), nn.LeakyReLU(0.2),
+                                       nn.Linear(128, slots * self.places ** 2))
 
     def forward(self, latent, order=None):
         """Logits of the frames; ``order`` (a permutation of the K glyphs) says which glyph goes to
@@ -161,32 +142,6 @@ class GlyphDecoder(nn.Module):
     def pairings(self, latent):
         """Logits (K!, N, C, H, W): the frames drawn with every assignment of glyphs to places."""
         return torch.stack([self(latent, order) for order in itertools.permutations(range(self.slots))])
-
-    def centres(self, dynamic):
-        """(N K, 2): each glyph's centre, a linear map of z_t, in [-0.5, 0.5] of the frame."""
-        return 0.5 * torch.tanh(self.where(dynamic)).view(len(dynamic) * self.slots, 2)
-
-    def glimpses(self, frames, dynamic):
-        """(N K, C, g, g): the window of each frame, of a glyph's size, at each glyph's centre (the
-        inverse of ``moved``): what is drawn where glyph k goes."""
-        size = (self.frame[0], self.glyph_size, self.glyph_size)
-        return scaled_and_shifted(frames.repeat_interleave(self.slots, 0), self.glyph_size / self.frame[1],
-                                  self.centres(dynamic), size)
-
-    def moved(self, glyphs, dynamic):
-        """Each glyph moved to the centre a linear map of z_t gives (a spatial transformer)."""
-        scale = self.frame[1] / self.glyph_size
-        return scaled_and_shifted(glyphs, scale, -scale * self.centres(dynamic), self.frame)
-
-
-def scaled_and_shifted(images, scale: float, shift, size):
-    """``images`` (M, C, h, w) resampled onto (M, *size): output point u (in [-1, 1]) reads the
-    input at scale * u + shift (``shift`` (M, 2)); bilinear, zeros outside."""
-    theta = shift.new_zeros(len(shift), 2, 3)
-    theta[:, 0, 0] = theta[:, 1, 1] = scale
-    theta[:, :, 2] = shift
-    grid = F.affine_grid(theta, (len(shift), *size), align_corners=False)
-    return F.grid_sample(images, grid, align_corners=False)
 
 
 class FilmDecoder(nn.Module):
@@ -267,7 +222,8 @@ def main():
         pools = sm_mnist.digit_pools(args.mnist_dir)
         data.train = variant_split(pools["train"], 8000, 0, "ordered")
         data.test = variant_split(pools["test"], 2000, 10_000, "ordered")
-    overrides = {} if args.dynamic_dim is None else {"dynamic_dim": args.dynamic_dim}
+    # the preset's widths with the DCGAN decoder and q(s|x): the options below build their variants
+    overrides = {"glyphs": 0, **({} if args.dynamic_dim is None else {"dynamic_dim": args.dynamic_dim})}
     cfg = cdsvae.Config(**{**cdsvae.preset("sm-mnist", "cpu"), **overrides}, frame_shape=(1, 32, 32), frames=15)
     model = cdsvae.CDSVAE(cfg)
     latent = cfg.static_dim + cfg.dynamic_dim

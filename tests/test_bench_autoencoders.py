@@ -1,6 +1,5 @@
 """bench/sm_mnist_autoencoders.py --glyphs K --pairings: the glyph decoder drawn with every
-assignment of glyphs to places, and the mixture likelihood over them, against direct computations;
---glimpses: the window cut at a glyph's centre against the glyph placed there."""
+assignment of glyphs to places, and the mixture likelihood over them, against direct computations (the glyph decoder's own tests, and the glimpses', are in test_model.py)."""
 import math
 
 import pytest
@@ -41,21 +40,3 @@ def test_mixture_nll_is_minus_the_log_of_the_mean_likelihood_over_assignments(lo
         expected.append(-math.log(sum(likelihoods) / 2))
     torch.testing.assert_close(bench.mixture_nll(logits, frames), torch.tensor(expected, dtype=torch.float64))
 
-
-def test_the_glimpse_at_a_glyphs_centre_is_the_glyph_it_placed_there(load_bench):
-    """--glimpses: cutting a glyph-sized window at glyph k's centre undoes ``moved``, exactly where
-    the centre is a whole number of pixels (here 2 to the right and 2 down of the frame's middle)."""
-    bench = load_bench("sm_mnist_autoencoders")
-    cfg = cdsvae.Config(**cdsvae.preset("sm-mnist", "cpu"), frame_shape=(1, 32, 32), frames=15)
-    torch.manual_seed(0)
-    decoder = bench.GlyphDecoder(cfg, 2)
-    torch.nn.init.zeros_(decoder.where.weight)
-    torch.nn.init.constant_(decoder.where.bias, math.atanh(0.25))   # centre 0.125 of the half-width: 2 pixels
-    dynamic = torch.randn(3, cfg.dynamic_dim)
-    glyphs = torch.rand(6, 1, 16, 16)
-    glyphs[..., :2, :] = glyphs[..., :, :2] = 0                      # nothing leaves the window
-    with torch.no_grad():
-        placed = decoder.moved(glyphs, dynamic)                       # (3 * 2, 1, 32, 32)
-        assert placed[:, :, 18:, 18:].sum() > 0 and placed[:, :, :10].sum() == 0  # drawn off the middle
-        seen = decoder.glimpses(placed.view(3, 2, 1, 32, 32)[:, 0], dynamic).view(3, 2, 1, 16, 16)
-    torch.testing.assert_close(seen[:, 0], glyphs.view(3, 2, 1, 16, 16)[:, 0], atol=1e-5, rtol=0)

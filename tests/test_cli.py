@@ -209,6 +209,13 @@ def test_train_rejects_bad_options(tmp_path):
     assert_user_error(run("train", "--decay-fraction", 0.3, "--out", tmp_path / "r"),  # shapes: constant rate
                       "expected --lr-schedule cosine with it")
     assert_user_error(run("train", "--mi-rollout", "x", "--out", tmp_path / "r"), "expected sampled or mean")
+    assert_user_error(run("train", "--glyphs", -1, "--out", tmp_path / "r"), "--glyphs must be non-negative")
+    assert_user_error(run("train", "--glyphs", 3, "--out", tmp_path / "r"),        # shapes: s of 16
+                      "expected a static dim divisible by it, got 16")
+    assert_user_error(run("train", "--glyphs", 2, "--content-flip", "--out", tmp_path / "r"),
+                      "expected --no-content-flip with it")
+    assert_user_error(run("train", "--glyphs", 2, "--frame-size", 24, "--out", tmp_path / "r"),
+                      "expected a side of 16, 32, 64")
     assert_user_error(run("train", "--eval-every", -1, "--out", tmp_path / "r"), "--eval-every")
     assert_user_error(run("train", "--judge", tmp_path / "j.pt", "--out", tmp_path / "r"), "expected it with --eval-every")
     assert_user_error(run("train", "--sync-bn", "--device", "cpu", "--out", tmp_path / "r"), "--sync-bn needs CUDA")

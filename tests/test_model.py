@@ -1,4 +1,7 @@
-"""Augmentation invariants, per-step sampling, the prior, determinism, generation functions."""
+"""Augmentation invariants, per-step sampling, the prior, the glyph decoder and its glimpses,
+determinism, generation functions."""
+import math
+
 import pytest
 import torch
 import torch.nn as nn
@@ -202,6 +205,84 @@ def test_feature_frames_use_the_mlp_path():
     views_loss, views_terms = model(x, motion_view=x + 0.01 * torch.randn_like(x))
     assert terms["mi_zx"] > views_terms["mi_zx"]
     assert cdsvae.generate(model, batch=2, frames=5).shape == (2, 5, 12)
+
+
+# --- glyphs (ours): s draws K glyphs that z_t places; q(s|x, z) reads them there --------------
+
+def glyph_config(**overrides):
+    return small_config(**{"frame_shape": (1, 32, 32), "glyphs": 2, "likelihood": "bernoulli", **overrides})
+
+
+def test_the_glimpse_at_a_glyphs_centre_is_the_glyph_it_placed_there():
+    """Cutting a glyph-sized window at glyph k's centre undoes ``moved``, exactly where the centre
+    is a whole number of pixels (here 2 to the right and 2 down of the frame's middle)."""
+    torch.manual_seed(0)
+    decoder = cdsvae.GlyphDecoder(glyph_config())
+    nn.init.zeros_(decoder.where.weight)
+    nn.init.constant_(decoder.where.bias, math.atanh(0.25))          # centre 0.125 of the half-width: 2 pixels
+    dynamic = torch.randn(3, 3)
+    glyphs = torch.rand(6, 1, 16, 16)
+    glyphs[..., :2, :] = glyphs[..., :, :2] = 0                      # nothing leaves the window
+    with torch.no_grad():
+        placed = decoder.moved(glyphs, dynamic)                       # (3 * 2, 1, 32, 32)
+        assert placed[:, :, 18:, 18:].sum() > 0 and placed[:, :, :10].sum() == 0  # drawn off the middle
+        torch.testing.assert_close(placed[:, :, 10:26, 10:26], glyphs, atol=1e-5, rtol=0)  # top-left 16 + 2 - 8
+        seen = decoder.glimpses(placed.view(3, 2, 1, 32, 32)[:, 0], dynamic).view(3, 2, 1, 16, 16)
+    torch.testing.assert_close(seen[:, 0], glyphs.view(3, 2, 1, 16, 16)[:, 0], atol=1e-5, rtol=0)
+
+
+def test_glyph_frames_are_the_union_of_the_glyphs_drawn_at_their_centres():
+    """p = 1 - (1 - p_background) prod_k (1 - p_k), each p_k glyph k (drawn from s's k-th part)
+    moved to the k-th centre of z_t, written out pixel by pixel with one window per glyph."""
+    torch.manual_seed(0)
+    cfg = glyph_config()
+    decoder = cdsvae.GlyphDecoder(cfg).eval()
+    nn.init.zeros_(decoder.where.weight)
+    with torch.no_grad():
+        decoder.where.bias.copy_(torch.tensor([-0.25, -0.25, 0.125, 0.25]).mul(2).atanh())  # whole pixels
+        latent = torch.randn(4, cfg.static_dim + cfg.dynamic_dim)
+        probability = torch.sigmoid(decoder(latent)).double()
+        glyphs = torch.sigmoid(decoder.glyph(latent[:, :6].reshape(8, 3))).view(4, 2, 1, 16, 16).double()
+    background = torch.sigmoid(decoder.background).item()
+    expected = torch.full((4, 1, 32, 32), 1 - background, dtype=torch.float64)
+    for k, (left, top) in enumerate([(4, 4), (10, 12)]):          # centre c: top-left 16 + 16 c - 8
+        window = expected[:, :, top:top + 16, left:left + 16]
+        window *= 1 - glyphs[:, k] * (1 - 1e-6)
+    torch.testing.assert_close(probability, 1 - expected, atol=2e-5, rtol=1e-4)
+
+
+def test_glyph_model_trains_every_parameter_swaps_and_samples():
+    torch.manual_seed(0)
+    model = cdsvae.CDSVAE(glyph_config())
+    x = (torch.rand(4, 5, 1, 32, 32) > 0.8).float()
+    loss, _ = model(x)
+    loss.backward()
+    missing = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert missing == []
+    model.eval()
+    encoding = model.encode(x)
+    a_b, _ = cdsvae.swap(model, x[:2], x[2:])
+    torch.testing.assert_close(a_b, model.decode(encoding.static_mean[:2], encoding.dynamic_mean[2:]))
+    assert cdsvae.generate(model, batch=2, frames=7).shape == (2, 7, 1, 32, 32)
+
+
+def test_glyph_static_posterior_reads_the_frames_where_the_trajectory_puts_the_glyphs():
+    """q(s | x, z): s depends on the frames only through the windows at z_t's centres: a pixel
+    outside every window at every step leaves it unchanged, one inside changes it."""
+    torch.manual_seed(0)
+    model = cdsvae.CDSVAE(glyph_config()).eval()
+    nn.init.zeros_(model.frame_decoder.where.weight)
+    nn.init.zeros_(model.frame_decoder.where.bias)                 # both glyphs at the middle: rows 8..23
+    x = torch.rand(2, 5, 1, 32, 32)
+    features = model.encode_frames(x)
+    eps = torch.zeros(2, 5, 3)
+    with torch.no_grad():
+        static = model.posterior(x, features, torch.zeros(2, 6), eps).static_mean
+        outside, inside = x.clone(), x.clone()
+        outside[..., 0, 0] = 1 - x[..., 0, 0]
+        inside[..., 16, 16] = 1 - x[..., 16, 16]
+        assert torch.equal(model.posterior(outside, features, torch.zeros(2, 6), eps).static_mean, static)
+        assert not torch.allclose(model.posterior(inside, features, torch.zeros(2, 6), eps).static_mean, static)
 
 
 # --- determinism ------------------------------------------------------------------------------

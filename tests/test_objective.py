@@ -128,8 +128,9 @@ def test_mws_mi_zs_matches_brute_force():
 
 
 def small_model(**overrides):
-    cfg = cdsvae.Config(frame_shape=(3, 16, 16), static_dim=6, dynamic_dim=3, feature_dim=8,
-                        hidden_dim=10, conv_width=4, dataset_size=100, **overrides)
+    values = dict(frame_shape=(3, 16, 16), static_dim=6, dynamic_dim=3, feature_dim=8, hidden_dim=10,
+                  conv_width=4, dataset_size=100)
+    cfg = cdsvae.Config(**{**values, **overrides})
     return cdsvae.CDSVAE(cfg)
 
 
@@ -305,10 +306,11 @@ def test_mws_ablation_uses_mws_estimates_everywhere():
 
 @pytest.mark.skipif(not cdsvae.cpu_has_native_bf16(),
                     reason="oneDNN has no bf16 LSTM on a CPU without native bf16")
-def test_objective_stays_fp32_under_bf16_autocast():
+@pytest.mark.parametrize("glyphs", [0, 2])
+def test_objective_stays_fp32_under_bf16_autocast(glyphs):
     torch.manual_seed(0)
-    model = small_model()
-    x = torch.rand(5, 4, 3, 16, 16)
+    model = small_model(glyphs=glyphs, **({"frame_shape": (3, 32, 32)} if glyphs else {}))
+    x = torch.rand(5, 4, 3, *model.cfg.frame_shape[1:])
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss, terms = model(x)
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
@@ -400,7 +402,7 @@ def test_pair_critic_terms_equal_the_classifier_written_out_per_pair():
     terms = model.objective_terms(torch.rand(5, 4, 3, 16, 16))
     torch.manual_seed(1)
     x = torch.rand(5, 4, 3, 16, 16)
-    posterior = model.sample_posterior(model.encode_views(x).features)
+    posterior = model.sample_posterior(x, model.encode_views(x).features)
     critic = model.pair_critic.net.double()             # the terms are taken: the direct pass in float64
     static, dynamic = posterior.static.detach().double(), posterior.dynamic.detach().double()
 
@@ -464,3 +466,54 @@ def test_pair_critic_trains_on_detached_samples_its_estimate_only_the_encoders_a
     expected = terms["recon"] + dsvae.cfg.alpha * (terms["kl_s"] + terms["kl_z"]) + terms["pair_critic_nll"]
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     assert "pair_critic.net.0.weight" not in small_model(club=1.0).state_dict()   # off: the model as before
+
+
+def test_glyph_terms_equal_a_direct_computation(monkeypatch):
+    """With --glyphs 2 (ours): q(s | x, z) read from the glimpses at z_t's centres, each cut
+    with its own affine grid; the frames the union of the glyphs drawn there; the Bernoulli
+    reconstruction, KL_s and I(s;x) (the shuffled video's s is x's own) written out per frame."""
+    torch.manual_seed(0)
+    model = small_model(frame_shape=(1, 32, 32), glyphs=2, likelihood="bernoulli").eval()
+    batch, steps = 3, 4
+    x, view = (torch.rand(batch, steps, 1, 32, 32) > 0.7).float(), torch.rand(batch, steps, 1, 32, 32)
+    noise = [torch.randn(batch, 6), torch.randn(batch, steps, 3), torch.randn(batch, steps, 3)]
+    handed_out = iter(noise)
+    monkeypatch.setattr(cdsvae.CDSVAE, "noise", staticmethod(lambda shape, like: next(handed_out)))
+    monkeypatch.setattr(cdsvae, "motion_augment", lambda frames: view)
+    _, terms = model(x)
+    decoder, posterior = model.frame_decoder, model.static_posterior
+    with torch.no_grad():
+        features = model.encode_frames(torch.cat([x, view]))[:batch]
+        dynamic = model.dynamic_posterior(features, noise[1])[0]
+
+        def centre(z, k):                                      # (2,): x, y in [-0.5, 0.5]
+            return 0.5 * torch.tanh(decoder.where(z))[2 * k:2 * k + 2]
+
+        def window(frame, c, scale, size):                     # frame read at scale * u + c
+            theta = torch.tensor([[[scale, 0.0, float(c[0])], [0.0, scale, float(c[1])]]])
+            grid = torch.nn.functional.affine_grid(theta, (1, 1, size, size), align_corners=False)
+            return torch.nn.functional.grid_sample(frame[None], grid, align_corners=False)[0]
+
+        means, logvars = [], []
+        for b in range(batch):
+            parts = [torch.stack([posterior.encoder(window(x[b, t], centre(dynamic[b, t], k), 0.5, 16)[None])[0]
+                                  for t in range(steps)]).mean(0) for k in range(2)]
+            mean, logvar = zip(*(posterior.head(part).chunk(2) for part in parts))
+            means.append(torch.cat(mean)), logvars.append(torch.cat(logvar))
+        static_mean, static_logvar = torch.stack(means), torch.stack(logvars)
+        static = static_mean + torch.exp(0.5 * static_logvar) * noise[0]
+        background = torch.sigmoid(decoder.background)
+        recon = 0.0
+        for b in range(batch):
+            for t in range(steps):
+                none = 1 - background
+                for k in range(2):
+                    glyph = torch.sigmoid(decoder.glyph(static[b, 3 * k:3 * k + 3][None]))[0]
+                    none = none * (1 - window(glyph, -2.0 * centre(dynamic[b, t], k), 2.0, 32) * (1 - 1e-6))
+                p = (1 - none).double()
+                recon -= float((x[b, t] * p.log() + (1 - x[b, t]) * (1 - p).log()).sum())
+    direct = {"recon": recon / batch,
+              "kl_s": float(kl_divergence(Normal(static_mean, torch.exp(0.5 * static_logvar)), Normal(0.0, 1.0)).sum()) / batch,
+              "mi_sx": explicit_contrastive(static_mean, static_mean, model.cfg.tau)}
+    for name, value in direct.items():
+        assert terms[name].item() == pytest.approx(value, rel=1e-4, abs=1e-4), name
