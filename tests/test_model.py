@@ -251,7 +251,7 @@ def test_glyph_frames_are_the_union_of_the_glyphs_drawn_at_their_centres():
     torch.testing.assert_close(probability, 1 - expected, atol=2e-5, rtol=1e-4)
 
 
-def test_glyph_model_trains_every_parameter_swaps_and_samples():
+def test_glyph_model_trains_every_parameter_swaps_samples_and_reloads(tmp_path):
     torch.manual_seed(0)
     model = cdsvae.CDSVAE(glyph_config())
     x = (torch.rand(4, 5, 1, 32, 32) > 0.8).float()
@@ -264,6 +264,10 @@ def test_glyph_model_trains_every_parameter_swaps_and_samples():
     a_b, _ = cdsvae.swap(model, x[:2], x[2:])
     torch.testing.assert_close(a_b, model.decode(encoding.static_mean[:2], encoding.dynamic_mean[2:]))
     assert cdsvae.generate(model, batch=2, frames=7).shape == (2, 7, 1, 32, 32)
+    cdsvae.save_checkpoint(model, tmp_path / "glyphs.pt")
+    reloaded = cdsvae.load_checkpoint(tmp_path / "glyphs.pt").eval()
+    assert reloaded.cfg.glyphs == 2
+    torch.testing.assert_close(reloaded.encode(x).static_mean, encoding.static_mean)
 
 
 def test_glyph_static_posterior_reads_the_frames_where_the_trajectory_puts_the_glyphs():
