@@ -157,7 +157,7 @@ def static_by_dynamic_source(model, judge, data, factor: str, seed: int = 0) -> 
     own = []
     for start in range(0, len(truth), 256):
         encoding = model.encode(cdsvae.to_frames(data.test.sequences[start:start + 256], "cpu"))
-        frames = model.decode(encoding.static_mean, encoding.dynamic_mean)
+        frames = model.decode(encoding.static_mean, encoding.dynamic_mean, encoding.glyph_order)
         own.append(cdsvae.judge_probabilities(judge, frames)[factor].argmax(1))
     sources = {"own posterior": np.concatenate(own), "another sequence's posterior": judged["swap"][factor].argmax(1),
                "prior": judged["fixed_static"][factor].argmax(1)}

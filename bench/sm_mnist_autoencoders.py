@@ -129,15 +129,15 @@ class GlyphDecoder(cdsvae.GlyphDecoder):
         which of z_t's places (default: glyph k to place k)."""
         static, dynamic = latent[:, :self.static_dim], latent[:, self.static_dim:]
         N, K = len(latent), self.slots
-        glyphs = torch.sigmoid(self.glyph(static.reshape(N * K, -1)))           # (N K, C, g, g)
+        glyphs = self.drawn(static)                                             # (N K, C, g, g)
         if order is not None:
             glyphs = glyphs.view(N, K, *glyphs.shape[1:])[:, list(order)].flatten(0, 1)
         if self.heatmap:       # a distribution over top-left corners; the glyph drawn at each, weighted
             where = torch.softmax(self.where(dynamic).view(N * K, -1), 1).view(1, N * K, self.places, self.places)
-            placed = F.conv_transpose2d(where, glyphs, groups=N * K).view(N, K, *self.frame)
+            placed = F.conv_transpose2d(where, glyphs, groups=N * K)
         else:
-            placed = self.moved(glyphs, dynamic).view(N, K, *self.frame)
-        return union_logits(torch.log1p(-placed * (1 - 1e-6)).sum(1) - F.softplus(self.background))
+            placed = self.moved(glyphs, dynamic)
+        return self.union(placed)
 
     def pairings(self, latent):
         """Logits (K!, N, C, H, W): the frames drawn with every assignment of glyphs to places."""

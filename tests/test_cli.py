@@ -212,6 +212,7 @@ def test_train_rejects_bad_options(tmp_path):
     assert_user_error(run("train", "--glyphs", -1, "--out", tmp_path / "r"), "--glyphs must be non-negative")
     assert_user_error(run("train", "--glyphs", 3, "--out", tmp_path / "r"),        # shapes: s of 16
                       "expected a static dim divisible by it, got 16")
+    assert_user_error(run("train", "--glyphs", 5, "--static-dim", 20, "--out", tmp_path / "r"), "expected at most 4, got 5")
     assert_user_error(run("train", "--glyphs", 2, "--content-flip", "--out", tmp_path / "r"),
                       "expected --no-content-flip with it")
     assert_user_error(run("train", "--glyphs", 2, "--frame-size", 24, "--out", tmp_path / "r"),

@@ -251,6 +251,52 @@ def test_glyph_frames_are_the_union_of_the_glyphs_drawn_at_their_centres():
     torch.testing.assert_close(probability, 1 - expected, atol=2e-5, rtol=1e-4)
 
 
+def test_glyphs_are_matched_to_the_places_by_what_the_glimpses_show():
+    """``match_glyphs``: codes that are two fixed patterns plus noise, the two places exchanged in
+    some frames (in sequence 2 also in the first, whose order that sequence then keeps): every
+    frame comes back in its sequence's first order, the order says which place each glyph took,
+    and the gradient reaches each code once, through the glyph it was matched to."""
+    torch.manual_seed(0)
+    patterns = torch.randn(3, 1, 2, 16)
+    codes = patterns + 0.3 * torch.randn(3, 6, 2, 16)
+    exchanged = torch.zeros(3, 6, dtype=torch.bool)
+    exchanged[:, 4:] = True
+    exchanged[1, 1] = exchanged[2, 0] = True
+    seen = torch.where(exchanged[..., None, None], codes.flip(2), codes).requires_grad_(True)
+    matched, order = cdsvae.match_glyphs(seen)
+    for b in range(3):
+        expected = codes[b].flip(1) if exchanged[b, 0] else codes[b]
+        torch.testing.assert_close(matched[b], expected, rtol=0, atol=0)
+        flips = exchanged[b] ^ exchanged[b, 0]
+        assert order[b].tolist() == [[1, 0] if flip else [0, 1] for flip in flips.tolist()]
+    matched.mul(torch.arange(1.0, 3.0)[:, None]).sum().backward()        # glyph k's codes weighed k + 1
+    weight = torch.where((exchanged ^ exchanged[:, :1])[..., None], torch.tensor([2.0, 1.0]), torch.tensor([1.0, 2.0]))
+    torch.testing.assert_close(seen.grad, weight[..., None].expand_as(seen))
+
+
+def test_the_glyph_order_draws_each_glyph_at_its_matched_place():
+    """Glyph 0 at place 1 and glyph 1 at place 0 is the drawing with s's two parts exchanged;
+    the order of an encoding makes the reconstruction, and its place per glyph in the frame."""
+    torch.manual_seed(0)
+    cfg = glyph_config()
+    decoder = cdsvae.GlyphDecoder(cfg).eval()
+    latent = torch.randn(4, cfg.static_dim + cfg.dynamic_dim)
+    exchanged = torch.cat([latent[:, 3:6], latent[:, :3], latent[:, 6:]], 1)
+    order = torch.tensor([[0, 1], [1, 0], [1, 0], [0, 1]])
+    with torch.no_grad():
+        drawn = decoder(latent, order)
+        torch.testing.assert_close(drawn[[0, 3]], decoder(latent[[0, 3]]))
+        torch.testing.assert_close(drawn[[1, 2]], decoder(exchanged[[1, 2]]), rtol=1e-5, atol=1e-5)
+        model = cdsvae.CDSVAE(cfg).eval()
+        x = (torch.rand(2, 5, 1, 32, 32) > 0.8).float()
+        encoding = model.encode(x)
+        assert encoding.glyph_order.shape == (2, 5, 2) and sorted(encoding.glyph_order[0, 0].tolist()) == [0, 1]
+        latents = torch.cat([encoding.static_mean[:, None].expand(2, 5, 6), encoding.dynamic_mean], -1).flatten(0, 1)
+        frames = torch.sigmoid(model.frame_decoder(latents, encoding.glyph_order.flatten(0, 1))).view(2, 5, 1, 32, 32)
+        torch.testing.assert_close(model.decode(encoding.static_mean, encoding.dynamic_mean, encoding.glyph_order), frames)
+    assert cdsvae.CDSVAE(small_config()).eval().encode(torch.rand(2, 5, 3, 16, 16)).glyph_order is None
+
+
 def test_glyph_model_trains_every_parameter_swaps_samples_and_reloads(tmp_path):
     torch.manual_seed(0)
     model = cdsvae.CDSVAE(glyph_config())

@@ -1,0 +1,110 @@
+"""Do a ``--glyphs`` model's glyphs follow SM-MNIST's digits, each the same digit all along?
+
+For a checkpoint trained with ``--glyphs 2`` on SM-MNIST, the test sequences are rendered again
+with their digits' true centres (``data_prep.sm_mnist.generate``: the test split that
+``cdsvae eval --seed S`` scores, seed S + 10000 from the test pool). From the posterior means, each glyph's
+centre per frame (``GlyphDecoder.centres``) is matched to the nearest digit:
+
+- ``centre_error_px``: the distance to that digit's centre (pixels);
+- ``consistent``: the share of sequences where each glyph stays on one digit and the two glyphs on
+  different digits, over the frames where the digits' centres are more than ``--apart`` pixels
+  apart (closer, which is which cannot be told from the frame);
+- ``switches_per_sequence``: how often a glyph moves to the other digit between two such frames;
+- with ``--judge``: the judge's accuracy of both digits at once on the reconstructions (posterior
+  means, each glyph drawn at the place the posterior matched it to: ``Encoding.glyph_order``),
+  over all sequences, the consistent ones and the others.
+
+Since the nineteenth session the model matches the glyphs to z_t's places frame by frame
+(``cdsvae.match_glyphs``), so a place that changes digits no longer mixes two digits in s;
+``consistent`` still says how often z_t's places keep theirs.
+
+    python bench/glyph_tracking.py --ckpt RUN/last.pt --data-dir MNIST --judge judge_mm32.pt
+
+bench/RESULTS.md (nineteenth session): z_t's places exchange the digits where the digits overlap.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import cdsvae  # noqa: E402
+
+
+def tracking(centres: np.ndarray, trajectories: np.ndarray, apart: float = 6.0) -> dict:
+    """``centres`` (N, T, K, 2) of the glyphs and ``trajectories`` (N, T, D, 2) of the digits, in
+    pixels: per sequence whether the glyphs track the digits consistently (see the module's
+    docstring), the nearest-digit distance and the switches. Returns arrays over sequences."""
+    distance = np.linalg.norm(centres[:, :, :, None] - trajectories[:, :, None], axis=-1)   # (N, T, K, D)
+    nearest = distance.argmin(-1)
+    digits_apart = np.linalg.norm(trajectories[:, :, 0] - trajectories[:, :, 1], axis=-1) > apart
+    consistent = np.zeros(len(centres), dtype=bool)
+    for n, (chosen, seen) in enumerate(zip(nearest, digits_apart)):
+        chosen = chosen[seen]
+        consistent[n] = len(chosen) > 0 and bool((chosen == chosen[0]).all()) and len(set(chosen[0])) == len(chosen[0])
+    both_seen = digits_apart[:, 1:] & digits_apart[:, :-1]
+    switches = ((nearest[:, 1:] != nearest[:, :-1]).any(-1) & both_seen).sum(1)
+    return {"consistent": consistent, "switches": switches, "error": distance.min(-1)}
+
+
+@torch.no_grad()
+def glyph_centres(model: cdsvae.CDSVAE, videos: np.ndarray, judge=None, labels=None, batch: int = 250):
+    """Each glyph's centre per frame in pixels (N, T, K, 2) from the posterior means, and with a
+    judge, whether it gets both digits of each reconstruction right (N,)."""
+    model.eval()
+    centres, right = [], []
+    size = model.cfg.frame_shape[-1]
+    for start in range(0, len(videos), batch):
+        x = cdsvae.to_frames(videos[start:start + batch], "cpu")
+        encoding = model.encode(x)
+        B, T = x.shape[:2]
+        centre = model.frame_decoder.centres(encoding.dynamic_mean.flatten(0, 1))
+        centres.append(((centre + 1) / 2 * size).view(B, T, model.cfg.glyphs, 2).numpy())
+        if judge is not None:
+            reconstruction = model.decode(encoding.static_mean, encoding.dynamic_mean, encoding.glyph_order)
+            judged = cdsvae.judge_probabilities(judge, reconstruction)
+            right.append(np.all([judged[f].argmax(1) == labels[f][start:start + len(x)]
+                                 for f in ("digit_low", "digit_high")], axis=0))
+    return np.concatenate(centres), (np.concatenate(right) if right else None)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ckpt", required=True)
+    parser.add_argument("--data-dir", required=True, help="folder of MNIST IDX files")
+    parser.add_argument("--judge")
+    parser.add_argument("--count", type=int, default=1000, help="test sequences to score")
+    parser.add_argument("--apart", type=float, default=6.0)
+    parser.add_argument("--seed", type=int, default=0, help="the data seed, as cdsvae eval's --seed")
+    args = parser.parse_args()
+    from data_prep import sm_mnist
+
+    model = cdsvae.load_checkpoint(args.ckpt)
+    if not model.cfg.glyphs:
+        print(f"error: {args.ckpt} has no glyphs; expected a checkpoint trained with --glyphs K", file=sys.stderr)
+        sys.exit(2)
+    videos, labels, trajectories = sm_mnist.generate(
+        *sm_mnist.digit_pools(args.data_dir)["test"], cdsvae.GENERATED["sm-mnist"]["test"], args.seed + 10_000,
+        size=model.cfg.frame_shape[-1])
+    count = min(args.count, len(videos))
+    judge = cdsvae.load_judge(args.judge) if args.judge else None
+    centres, right = glyph_centres(model, videos[:count], judge, labels)
+    found = tracking(centres, trajectories[:count], args.apart)
+    consistent = found["consistent"]
+    report = {"ckpt": args.ckpt, "sequences": count, "centre_error_px": float(np.median(found["error"])),
+              "consistent": float(consistent.mean()), "switches_per_sequence": float(found["switches"].mean())}
+    if right is not None:
+        report["both_digits_reconstructed"] = {"all": float(right.mean()),
+                                               "consistent": float(right[consistent].mean()) if consistent.any() else None,
+                                               "others": float(right[~consistent].mean()) if (~consistent).any() else None}
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
