@@ -85,13 +85,19 @@ def main():
     args = parser.parse_args()
     from data_prep import sm_mnist
 
+    def fail(message: str) -> None:
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
     model = cdsvae.load_checkpoint(args.ckpt)
     if not model.cfg.glyphs:
-        print(f"error: {args.ckpt} has no glyphs; expected a checkpoint trained with --glyphs K", file=sys.stderr)
-        sys.exit(2)
+        fail(f"{args.ckpt} has no glyphs; expected a checkpoint trained with --glyphs K")
+    try:
+        pools = sm_mnist.digit_pools(args.data_dir)
+    except sm_mnist.MnistError as error:
+        fail(str(error))
     videos, labels, trajectories = sm_mnist.generate(
-        *sm_mnist.digit_pools(args.data_dir)["test"], cdsvae.GENERATED["sm-mnist"]["test"], args.seed + 10_000,
-        size=model.cfg.frame_shape[-1])
+        *pools["test"], cdsvae.GENERATED["sm-mnist"]["test"], args.seed + 10_000, size=model.cfg.frame_shape[-1])
     count = min(args.count, len(videos))
     judge = cdsvae.load_judge(args.judge) if args.judge else None
     centres, right = glyph_centres(model, videos[:count], judge, labels)
