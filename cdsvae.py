@@ -2500,7 +2500,7 @@ def train_command(
     static_dim: Optional[int] = typer.Option(None), dynamic_dim: Optional[int] = typer.Option(None),
     feature_dim: Optional[int] = typer.Option(None), hidden_dim: Optional[int] = typer.Option(None),
     conv_width: Optional[int] = typer.Option(None),
-    glyphs: Optional[int] = typer.Option(None, help="Ours, not the paper's: s draws K glyphs (of half the frame's size) that z_t places, and q(s|x, z) reads them where z_t puts them (0: the DCGAN decoder and q(s|x); default: the preset's). For scenes of K objects that keep their look, like SM-MNIST's digits (K = 2)."),
+    glyphs: Optional[int] = typer.Option(None, help="Ours, not the paper's: s draws K glyphs (of half the frame's size) that z_t places, and q(s|x, z) reads them where z_t puts them, matched to the places frame by frame (0: the DCGAN decoder and q(s|x); default: the preset's). For scenes of K objects that keep their look, like SM-MNIST's digits (K = 2)."),
     scale: Optional[str] = typer.Option(None, help="cpu: the settings our studies chose for 2 CPU cores; paper: the paper's widths (default: the dataset preset)."),
     likelihood: Optional[str] = typer.Option(None, help="Reconstruction term: gaussian (sum of squared errors) or bernoulli (cross-entropy on the decoder's logits; frames in [0, 1])."),
     lr_schedule: Optional[str] = typer.Option(None, help="constant, or cosine (linear warm-up over --warmup-steps, then cosine decay to 0 at the end of --epochs or of --time-budget, whichever comes first)."),

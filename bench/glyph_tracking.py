@@ -74,6 +74,12 @@ def glyph_centres(model: cdsvae.CDSVAE, videos: np.ndarray, judge=None, labels=N
     return np.concatenate(centres), (np.concatenate(right) if right else None)
 
 
+def fail(message: str) -> None:
+    """Bad input: one line on stderr, exit status 2."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", required=True)
@@ -84,10 +90,6 @@ def main():
     parser.add_argument("--seed", type=int, default=0, help="the data seed, as cdsvae eval's --seed")
     args = parser.parse_args()
     from data_prep import sm_mnist
-
-    def fail(message: str) -> None:
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
 
     model = cdsvae.load_checkpoint(args.ckpt)
     if not model.cfg.glyphs:
