@@ -559,10 +559,11 @@ class CDSVAE(nn.Module):
 
     def decode_logits(self, static, dynamic, glyph_order=None):
         """The decoder's output before the sigmoid (video) or the frames (feature frames)."""
+        if self.cfg.glyphs:                      # ours: s draws its glyphs once, z_t places them per frame
+            return self.frame_decoder.sequence(static, dynamic, glyph_order)
         B, T = dynamic.shape[:2]
         latent = torch.cat([static.unsqueeze(1).expand(B, T, -1), dynamic], dim=-1)
-        order = () if glyph_order is None else (glyph_order.flatten(0, 1),)
-        return self.frame_decoder(latent.flatten(0, 1), *order).view(B, T, *self.cfg.frame_shape)
+        return self.frame_decoder(latent.flatten(0, 1)).view(B, T, *self.cfg.frame_shape)
 
     def decode(self, static, dynamic, glyph_order=None):
         """p(x_t | z_t, s), eq. (1): the decoder sees [s, z_t] for every frame; returns the mean
@@ -903,11 +904,13 @@ def union_logits(log_none):
 
 def scaled_and_shifted(images, scale: float, shift, size):
     """``images`` (M, C, h, w) resampled onto (M, *size): output point u (in [-1, 1]) reads the
-    input at scale * u + shift (``shift`` (M, 2)); bilinear, zeros outside."""
-    theta = shift.new_zeros(len(shift), 2, 3)
-    theta[:, 0, 0] = theta[:, 1, 1] = scale
-    theta[:, :, 2] = shift
-    grid = F.affine_grid(theta, (len(shift), *size), align_corners=False)
+    input at scale * u + shift (``shift`` (M, 2), x then y); bilinear, zeros outside. The grid is
+    ``F.affine_grid``'s for align_corners=False (pixel centres), built by broadcasting: its
+    batched matrix product was a tenth of the SM-MNIST step (bench/RESULTS.md, twentieth)."""
+    height, width = size[-2:]
+    centres = [(torch.arange(n, device=shift.device, dtype=shift.dtype) * 2 + 1) / n - 1 for n in (width, height)]
+    points = torch.stack([centres[0].expand(height, width), centres[1][:, None].expand(height, width)], -1)
+    grid = scale * points + shift[:, None, None, :]
     return F.grid_sample(images, grid, align_corners=False)
 
 
@@ -925,6 +928,7 @@ class GlyphDecoder(nn.Module):
         self.static_dim, self.slots = cfg.static_dim, cfg.glyphs
         self.frame = cfg.frame_shape
         self.glyph_size = cfg.frame_shape[1] // 2
+        self.glyph_shape = (cfg.frame_shape[0], self.glyph_size, self.glyph_size)
         layers = [nn.Linear(cfg.static_dim // cfg.glyphs, 2 * width * 16), nn.Unflatten(1, (2 * width, 4, 4)),
                   nn.BatchNorm2d(2 * width), nn.LeakyReLU(0.2)]
         size, channels = 4, 2 * width
@@ -938,11 +942,20 @@ class GlyphDecoder(nn.Module):
         self.background = nn.Parameter(torch.tensor(-6.0))
 
     def forward(self, latent, order=None):                      # (N, Ds + Dz) -> (N, C, H, W) logits
-        """``order`` (N, K): the place of z_t that glyph k takes (``match_glyphs``); None: place k."""
+        """Frame by frame, as the other frame decoders: ``order`` (N, K) the place of z_t that glyph
+        k takes (``match_glyphs``); None: place k."""
         static, dynamic = latent[:, :self.static_dim], latent[:, self.static_dim:]
-        glyphs = self.drawn(static)
-        with torch.autocast(latent.device.type, enabled=False):
-            return self.union(self.moved(glyphs, dynamic.float(), order))
+        return self.sequence(static, dynamic[:, None], None if order is None else order[:, None])[:, 0]
+
+    def sequence(self, static, dynamic, order=None):         # (B, Ds), (B, T, Dz) -> (B, T, C, H, W) logits
+        """The frames of B sequences: each s draws its K glyphs once (they are the same in every
+        frame), z_t places them in each frame; ``order`` (B, T, K) or None as in ``forward``."""
+        B, T = dynamic.shape[:2]
+        glyphs = self.drawn(static).view(B, 1, self.slots, *self.glyph_shape).expand(B, T, -1, -1, -1, -1)
+        with torch.autocast(static.device.type, enabled=False):
+            placed = self.moved(glyphs.flatten(0, 2), dynamic.flatten(0, 1).float(),
+                                None if order is None else order.flatten(0, 1))
+            return self.union(placed).view(B, T, *self.frame)
 
     def drawn(self, static):
         """(N K, C, g, g): the K glyphs of each s (N, Ds), as pixel probabilities in fp32."""
@@ -1095,7 +1108,8 @@ SCALES = {
     # takes alpha 0.1 (the KL nearly free: s holds more of the digits) and, ours, two glyphs placed by
     # z_t and read by s where they are drawn (probe of the digits from s 0.772 against 0.598 at 15 minutes),
     # matched to z_t's places frame by frame (both digits right 61.6% against 25.0% at 15 minutes), with
-    # s of 64 (32 numbers per glyph: 25.0 and 25.5% against 18.7 and 22.2% with 32). The epochs only cap a
+    # s of 64 (32 numbers per glyph: 25.0 and 25.5% against 18.7 and 22.2% with 32), and the cool-down of
+    # Sprites (the rate's cosine decay over the last 30%: 61.9 against 58.0% at 15 minutes). The epochs only cap a
     # --time-budget run (for Sprites 300: at 100, DSVAE's cheaper step reached the cap after 46
     # of 60 minutes). MUG and your own videos follow Sprites without the mirror, the critics,
     # alpha 1 on KL_z and the cool-down, with beta 10 (untested on MUG: it is licensed and absent here).
@@ -1104,7 +1118,8 @@ SCALES = {
                        lr_schedule="cosine", decay_fraction=0.3),
             "mug": CPU_VIDEO_WITHOUT_FLIP,
             "frames": CPU_VIDEO_WITHOUT_FLIP,
-            "sm-mnist": dict(likelihood="bernoulli", batch_size=32, alpha=0.1, epochs=200, glyphs=2, static_dim=64)},
+            "sm-mnist": dict(likelihood="bernoulli", batch_size=32, alpha=0.1, epochs=200, glyphs=2, static_dim=64,
+                             lr_schedule="cosine", decay_fraction=0.3)},
 }
 
 

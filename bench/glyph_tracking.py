@@ -10,6 +10,9 @@ centre per frame (``GlyphDecoder.centres``) is matched to the nearest digit:
   different digits, over the frames where the digits' centres are more than ``--apart`` pixels
   apart (closer, which is which cannot be told from the frame);
 - ``switches_per_sequence``: how often a glyph moves to the other digit between two such frames;
+- ``matched_consistent``: ``consistent`` for the glyphs as the posterior matched them to the places
+  frame by frame (``Encoding.glyph_order``): glyph k at the place it takes in each frame. This is
+  what s_k reads, so it says how often the matching keeps each glyph's glimpses on one digit;
 - with ``--judge``: the judge's accuracy of both digits at once on the reconstructions (posterior
   means, each glyph drawn at the place the posterior matched it to: ``Encoding.glyph_order``),
   over all sequences, the consistent ones and the others.
@@ -55,23 +58,26 @@ def tracking(centres: np.ndarray, trajectories: np.ndarray, apart: float = 6.0) 
 
 @torch.no_grad()
 def glyph_centres(model: cdsvae.CDSVAE, videos: np.ndarray, judge=None, labels=None, batch: int = 250):
-    """Each glyph's centre per frame in pixels (N, T, K, 2) from the posterior means, and with a
-    judge, whether it gets both digits of each reconstruction right (N,)."""
+    """From the posterior means, in pixels: the centre of each of z_t's K places per frame
+    (N, T, K, 2), the same reordered by the matched glyph order (glyph k's centre in every frame),
+    and with a judge, whether it gets both digits of each reconstruction right (N,)."""
     model.eval()
-    centres, right = [], []
+    centres, matched, right = [], [], []
     size = model.cfg.frame_shape[-1]
     for start in range(0, len(videos), batch):
         x = cdsvae.to_frames(videos[start:start + batch], "cpu")
         encoding = model.encode(x)
         B, T = x.shape[:2]
         centre = model.frame_decoder.centres(encoding.dynamic_mean.flatten(0, 1))
-        centres.append(((centre + 1) / 2 * size).view(B, T, model.cfg.glyphs, 2).numpy())
+        places = ((centre + 1) / 2 * size).view(B, T, model.cfg.glyphs, 2)
+        centres.append(places.numpy())
+        matched.append(torch.gather(places, 2, encoding.glyph_order[..., None].expand(-1, -1, -1, 2)).numpy())
         if judge is not None:
             reconstruction = model.decode(encoding.static_mean, encoding.dynamic_mean, encoding.glyph_order)
             judged = cdsvae.judge_probabilities(judge, reconstruction)
             right.append(np.all([judged[f].argmax(1) == labels[f][start:start + len(x)]
                                  for f in ("digit_low", "digit_high")], axis=0))
-    return np.concatenate(centres), (np.concatenate(right) if right else None)
+    return np.concatenate(centres), np.concatenate(matched), (np.concatenate(right) if right else None)
 
 
 def fail(message: str) -> None:
@@ -102,11 +108,12 @@ def main():
         *pools["test"], cdsvae.GENERATED["sm-mnist"]["test"], args.seed + 10_000, size=model.cfg.frame_shape[-1])
     count = min(args.count, len(videos))
     judge = cdsvae.load_judge(args.judge) if args.judge else None
-    centres, right = glyph_centres(model, videos[:count], judge, labels)
+    centres, matched, right = glyph_centres(model, videos[:count], judge, labels)
     found = tracking(centres, trajectories[:count], args.apart)
     consistent = found["consistent"]
     report = {"ckpt": args.ckpt, "sequences": count, "centre_error_px": float(np.median(found["error"])),
-              "consistent": float(consistent.mean()), "switches_per_sequence": float(found["switches"].mean())}
+              "consistent": float(consistent.mean()), "switches_per_sequence": float(found["switches"].mean()),
+              "matched_consistent": float(tracking(matched, trajectories[:count], args.apart)["consistent"].mean())}
     if right is not None:
         report["both_digits_reconstructed"] = {"all": float(right.mean()),
                                                "consistent": float(right[consistent].mean()) if consistent.any() else None,

@@ -53,10 +53,13 @@ def test_centres_are_the_decoders_in_pixels(load_bench):
     torch.manual_seed(0)
     model = cdsvae.CDSVAE(cfg)
     videos = np.random.default_rng(0).integers(0, 256, (3, 4, 32, 32, 1), dtype=np.uint8)
-    centres, right = bench.glyph_centres(model, videos)
+    centres, matched, right = bench.glyph_centres(model, videos)
     with torch.no_grad():
-        dynamic = model.encode(cdsvae.to_frames(videos, "cpu")).dynamic_mean
-        unit = model.frame_decoder.centres(dynamic.flatten(0, 1)).view(3, 4, 2, 2)
-    assert right is None and centres.shape == (3, 4, 2, 2)
+        encoding = model.encode(cdsvae.to_frames(videos, "cpu"))
+        unit = model.frame_decoder.centres(encoding.dynamic_mean.flatten(0, 1)).view(3, 4, 2, 2)
+    assert right is None and centres.shape == matched.shape == (3, 4, 2, 2)
     np.testing.assert_allclose(centres, ((unit + 1) * 16).numpy(), rtol=1e-6)
+    order = encoding.glyph_order.numpy()                # glyph k is at place order[n, t, k]
+    for n, t, k in np.ndindex(3, 4, 2):
+        np.testing.assert_array_equal(matched[n, t, k], centres[n, t, order[n, t, k]])
     assert ((centres >= 8) & (centres <= 24)).all()     # a glyph of 16 px stays inside the frame

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import cdsvae
 
@@ -229,6 +230,44 @@ def test_the_glimpse_at_a_glyphs_centre_is_the_glyph_it_placed_there():
         torch.testing.assert_close(placed[:, :, 10:26, 10:26], glyphs, atol=1e-5, rtol=0)  # top-left 16 + 2 - 8
         seen = decoder.glimpses(placed.view(3, 2, 1, 32, 32)[:, 0], dynamic).view(3, 2, 1, 16, 16)
     torch.testing.assert_close(seen[:, 0], glyphs.view(3, 2, 1, 16, 16)[:, 0], atol=1e-5, rtol=0)
+
+
+def test_the_sampling_grid_is_affine_grids_and_so_are_its_gradients():
+    """``scaled_and_shifted`` builds the grid by broadcasting; ``F.affine_grid`` with the matrix
+    [[scale, 0, shift_x], [0, scale, shift_y]] is the reference, for a non-square output too."""
+    torch.manual_seed(0)
+    images = torch.rand(5, 2, 16, 16, dtype=torch.float64, requires_grad=True)
+    shift = (0.6 * torch.rand(5, 2, dtype=torch.float64) - 0.3).requires_grad_(True)
+    theta = torch.cat([0.7 * torch.eye(2, dtype=torch.float64).expand(5, 2, 2), shift[:, :, None]], 2)
+    expected = F.grid_sample(images, F.affine_grid(theta, (5, 2, 24, 20), align_corners=False), align_corners=False)
+    expected_grads = torch.autograd.grad(expected.pow(2).sum(), (images, shift))
+    result = cdsvae.scaled_and_shifted(images, 0.7, shift, (2, 24, 20))
+    torch.testing.assert_close(result, expected, rtol=1e-10, atol=1e-12)
+    for grad, expected_grad in zip(torch.autograd.grad(result.pow(2).sum(), (images, shift)), expected_grads):
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-9, atol=1e-10)
+
+
+def test_a_sequence_draws_its_glyphs_once_as_every_frame_would():
+    """``GlyphDecoder.sequence`` draws each s's glyphs once and places copies in every frame: the
+    same frames, and the same gradients, as drawing them anew for every frame from [s, z_t]
+    (``forward``), in training mode too (the batch norm sees the same statistics)."""
+    torch.manual_seed(0)
+    cfg = glyph_config()
+    decoder = cdsvae.GlyphDecoder(cfg).train()
+    static = torch.randn(3, cfg.static_dim, requires_grad=True)
+    dynamic = torch.randn(3, 4, cfg.dynamic_dim)
+    order = torch.randint(0, 2, (3, 4, 1)).expand(3, 4, 2).clone()
+    order[..., 1] = 1 - order[..., 0]
+    once = decoder.sequence(static, dynamic, order)
+    latent = torch.cat([static[:, None].expand(3, 4, -1), dynamic], -1).flatten(0, 1)
+    per_frame = decoder(latent, order.flatten(0, 1)).view(3, 4, 1, 32, 32)
+    torch.testing.assert_close(once, per_frame, rtol=1e-5, atol=1e-5)
+    weights = torch.rand_like(once)
+    grads = [torch.autograd.grad((frames * weights).sum(), [static, *decoder.parameters()], allow_unused=True)
+             for frames in (once, per_frame)]
+    for grad, expected in zip(*grads):
+        if expected is not None:
+            torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_glyph_frames_are_the_union_of_the_glyphs_drawn_at_their_centres():
