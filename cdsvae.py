@@ -906,7 +906,7 @@ def scaled_and_shifted(images, scale: float, shift, size):
     """``images`` (M, C, h, w) resampled onto (M, *size): output point u (in [-1, 1]) reads the
     input at scale * u + shift (``shift`` (M, 2), x then y); bilinear, zeros outside. The grid is
     ``F.affine_grid``'s for align_corners=False (pixel centres), built by broadcasting: its
-    batched matrix product was a tenth of the SM-MNIST step (bench/RESULTS.md, twentieth)."""
+    batched matrix product was about 6% of the SM-MNIST step (bench/RESULTS.md, twentieth)."""
     height, width = size[-2:]
     centres = [(torch.arange(n, device=shift.device, dtype=shift.dtype) * 2 + 1) / n - 1 for n in (width, height)]
     points = torch.stack([centres[0].expand(height, width), centres[1][:, None].expand(height, width)], -1)
@@ -1109,7 +1109,8 @@ SCALES = {
     # z_t and read by s where they are drawn (probe of the digits from s 0.772 against 0.598 at 15 minutes),
     # matched to z_t's places frame by frame (both digits right 61.6% against 25.0% at 15 minutes), with
     # s of 64 (32 numbers per glyph: 25.0 and 25.5% against 18.7 and 22.2% with 32), and the cool-down of
-    # Sprites (the rate's cosine decay over the last 30%: 61.9 against 58.0% at 15 minutes). The epochs only cap a
+    # Sprites (the rate's cosine decay over the last 30%: 61.9 / 56.5 against 58.0 / 49.7% at 15 minutes, two
+    # seeds). The epochs only cap a
     # --time-budget run (for Sprites 300: at 100, DSVAE's cheaper step reached the cap after 46
     # of 60 minutes). MUG and your own videos follow Sprites without the mirror, the critics,
     # alpha 1 on KL_z and the cool-down, with beta 10 (untested on MUG: it is licensed and absent here).
