@@ -2135,17 +2135,20 @@ def train(cfg: Config, data: Dataset, out_dir: Path, device="cpu", log_every: in
                "final": {k: v for k, v in record.items() if k not in ("step", "epoch")}}
     if stopped:
         summary["stopped"] = stopped
-    if not main_process:
-        return summary
-    if any(f not in data.disjoint for f in data.kinds):
-        summary["probe"] = probe(model, data, device, sample=True)
-        summary["probe_posterior_means"] = probe(model, data, device, sample=False)
-    if "speaker" in data.kinds and not cfg.is_video:
-        summary["speaker_verification"] = speaker_verification(model, data, device)
-    atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-    if board is not None:
-        board.writer.close()
-    release_run_lock(out_dir)
+    if main_process:
+        if any(f not in data.disjoint for f in data.kinds):
+            summary["probe"] = probe(model, data, device, sample=True)
+            summary["probe_posterior_means"] = probe(model, data, device, sample=False)
+        if "speaker" in data.kinds and not cfg.is_video:
+            summary["speaker_verification"] = speaker_verification(model, data, device)
+        atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        if board is not None:
+            board.writer.close()
+        release_run_lock(out_dir)
+    if world > 1:      # the ranks leave together, with nothing in flight: gloo can abort a process
+        del net        # that exits while its group is alive or a peer is still working
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     return summary
 
 

@@ -42,4 +42,6 @@ if __name__ == "__main__":
     loss.backward()
     if rank == 0:
         torch.save({name: p.grad for name, p in model.named_parameters()}, sys.argv[1])
+    del net                      # DDP's reducer and its hooks go before the group they use
+    dist.barrier()               # both ranks done: nothing in flight when the group is torn down
     dist.destroy_process_group()
