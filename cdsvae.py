@@ -976,11 +976,16 @@ class GlyphDecoder(nn.Module):
     def moved(self, glyphs, dynamic, order=None):
         """(N K, C, H, W): each glyph (N K, C, g, g) moved to its centre: glyph k to z_t's place k,
         or to place ``order[n, k]``."""
-        scale = self.frame[1] / self.glyph_size
         centres = self.centres(dynamic)
         if order is not None:
             rows = torch.arange(len(dynamic), device=dynamic.device)[:, None]
             centres = centres.view(len(dynamic), self.slots, 2)[rows, order].flatten(0, 1)
+        return self.placed(glyphs, centres)
+
+    def placed(self, glyphs, centres):
+        """(M, C, H, W): glyphs (M, C, g, g) moved onto the frame with their centres at ``centres``
+        (M, 2), in [-1, 1] of the frame (x then y)."""
+        scale = self.frame[1] / self.glyph_size
         return scaled_and_shifted(glyphs, scale, -scale * centres, self.frame)
 
     def glimpses(self, frames, dynamic):

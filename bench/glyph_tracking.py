@@ -15,7 +15,13 @@ centre per frame (``GlyphDecoder.centres``) is matched to the nearest digit:
   what s_k reads, so it says how often the matching keeps each glyph's glimpses on one digit;
 - with ``--judge``: the judge's accuracy of both digits at once on the reconstructions (posterior
   means, each glyph drawn at the place the posterior matched it to: ``Encoding.glyph_order``),
-  over all sequences, the consistent ones and the others.
+  over all sequences, the consistent ones and the others; and ``both_digits_drawn_apart``: the same
+  for each sequence's two glyphs (drawn from the posterior mean of s) placed apart, in the top-left
+  and bottom-right quarters of every frame, where they cannot overlap, beside ``real_digits_apart``:
+  the judge on test digits placed the same way (what it manages on such frames). Drawn apart right
+  but reconstructed wrong: the placing or the overlaps; drawn apart wrong: the digits' identity in
+  s and in the drawing. ``per_digit``: for each digit, the share of its appearances (as either
+  head's digit) judged right, in the reconstructions, drawn apart and real apart.
 
 Since the nineteenth session the model matches the glyphs to z_t's places frame by frame
 (``cdsvae.match_glyphs``), so a place that changes digits no longer mixes two digits in s;
@@ -60,9 +66,10 @@ def tracking(centres: np.ndarray, trajectories: np.ndarray, apart: float = 6.0) 
 def glyph_centres(model: cdsvae.CDSVAE, videos: np.ndarray, judge=None, labels=None, batch: int = 250):
     """From the posterior means, in pixels: the centre of each of z_t's K places per frame
     (N, T, K, 2), the same reordered by the matched glyph order (glyph k's centre in every frame),
-    and with a judge, whether it gets both digits of each reconstruction right (N,)."""
+    and with a judge, whether it gets digit_low and digit_high right (N, 2) in each reconstruction
+    and in the two glyphs drawn apart (``drawn_apart``)."""
     model.eval()
-    centres, matched, right = [], [], []
+    centres, matched, right, right_apart = [], [], [], []
     size = model.cfg.frame_shape[-1]
     for start in range(0, len(videos), batch):
         x = cdsvae.to_frames(videos[start:start + batch], "cpu")
@@ -74,10 +81,53 @@ def glyph_centres(model: cdsvae.CDSVAE, videos: np.ndarray, judge=None, labels=N
         matched.append(torch.gather(places, 2, encoding.glyph_order[..., None].expand(-1, -1, -1, 2)).numpy())
         if judge is not None:
             reconstruction = model.decode(encoding.static_mean, encoding.dynamic_mean, encoding.glyph_order)
-            judged = cdsvae.judge_probabilities(judge, reconstruction)
-            right.append(np.all([judged[f].argmax(1) == labels[f][start:start + len(x)]
-                                 for f in ("digit_low", "digit_high")], axis=0))
-    return np.concatenate(centres), np.concatenate(matched), (np.concatenate(right) if right else None)
+            these = {f: labels[f][start:start + len(x)] for f in ("digit_low", "digit_high")}
+            right.append(heads_right(judge, reconstruction, these))
+            right_apart.append(heads_right(judge, drawn_apart(model, encoding.static_mean, T), these))
+    if judge is None:
+        return np.concatenate(centres), np.concatenate(matched), None, None
+    return np.concatenate(centres), np.concatenate(matched), np.concatenate(right), np.concatenate(right_apart)
+
+
+APART = torch.tensor([[-0.5, -0.5], [0.5, 0.5]])   # glyph centres in [-1, 1]: the frame's diagonal quarters
+
+
+@torch.no_grad()
+def drawn_apart(model: cdsvae.CDSVAE, static: torch.Tensor, frames: int) -> torch.Tensor:
+    """(N, T, C, H, W): the two glyphs of each s (N, Ds) placed at ``APART`` in all T frames."""
+    decoder = model.frame_decoder
+    glyphs = decoder.drawn(static)                                   # (N K, C, g, g)
+    placed = decoder.placed(glyphs, APART.repeat(len(static), 1))
+    frame = torch.sigmoid(decoder.union(placed))
+    return frame[:, None].expand(-1, frames, -1, -1, -1)
+
+
+def real_apart(images: np.ndarray, labels: np.ndarray, count: int, size: int, frames: int, seed: int = 0):
+    """``count`` videos of two pool digits (random pairs) standing still at ``APART``, as uint8
+    (N, T, H, W, 1), and their labels (digit_low, digit_high)."""
+    from data_prep import sm_mnist
+
+    rng = np.random.default_rng(seed)
+    digits = sm_mnist._resize(images, size // 2)
+    pairs = rng.integers(len(digits), size=(count, 2))
+    frame = np.zeros((count, size, size), dtype=np.uint8)
+    half = size // 2
+    frame[:, :half, :half] = digits[pairs[:, 0]]
+    frame[:, half:, half:] = digits[pairs[:, 1]]
+    videos = np.repeat(frame[:, None, :, :, None], frames, axis=1)
+    return videos, {"digit_low": labels[pairs].min(1), "digit_high": labels[pairs].max(1)}
+
+
+def heads_right(judge, frames: torch.Tensor, labels: dict) -> np.ndarray:
+    """(N, 2): whether the judge gets digit_low and digit_high of each video right."""
+    judged = cdsvae.judge_probabilities(judge, frames)
+    return np.stack([judged[f].argmax(1) == labels[f] for f in ("digit_low", "digit_high")], axis=1)
+
+
+def per_digit(right: np.ndarray, labels: dict) -> dict:
+    """The share of each digit's appearances (as digit_low or digit_high) judged right."""
+    digits = np.stack([labels["digit_low"], labels["digit_high"]], axis=1)
+    return {int(d): round(float(right[digits == d].mean()), 3) for d in np.unique(digits)}
 
 
 def fail(message: str) -> None:
@@ -108,16 +158,23 @@ def main():
         *pools["test"], cdsvae.GENERATED["sm-mnist"]["test"], args.seed + 10_000, size=model.cfg.frame_shape[-1])
     count = min(args.count, len(videos))
     judge = cdsvae.load_judge(args.judge) if args.judge else None
-    centres, matched, right = glyph_centres(model, videos[:count], judge, labels)
+    centres, matched, heads, heads_apart = glyph_centres(model, videos[:count], judge, labels)
     found = tracking(centres, trajectories[:count], args.apart)
     consistent = found["consistent"]
     report = {"ckpt": args.ckpt, "sequences": count, "centre_error_px": float(np.median(found["error"])),
               "consistent": float(consistent.mean()), "switches_per_sequence": float(found["switches"].mean()),
               "matched_consistent": float(tracking(matched, trajectories[:count], args.apart)["consistent"].mean())}
-    if right is not None:
+    if heads is not None:
+        right, shown = heads.all(1), {f: labels[f][:count] for f in ("digit_low", "digit_high")}
         report["both_digits_reconstructed"] = {"all": float(right.mean()),
                                                "consistent": float(right[consistent].mean()) if consistent.any() else None,
                                                "others": float(right[~consistent].mean()) if (~consistent).any() else None}
+        report["both_digits_drawn_apart"] = float(heads_apart.all(1).mean())
+        still, still_labels = real_apart(*pools["test"], count, model.cfg.frame_shape[-1], videos.shape[1], args.seed)
+        real = heads_right(judge, cdsvae.to_frames(still, "cpu"), still_labels)
+        report["real_digits_apart"] = float(real.all(1).mean())
+        report["per_digit"] = {"reconstructed": per_digit(heads, shown), "drawn_apart": per_digit(heads_apart, shown),
+                               "real_apart": per_digit(real, still_labels)}
     print(json.dumps(report, indent=1))
 
 

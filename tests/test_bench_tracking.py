@@ -53,13 +53,56 @@ def test_centres_are_the_decoders_in_pixels(load_bench):
     torch.manual_seed(0)
     model = cdsvae.CDSVAE(cfg)
     videos = np.random.default_rng(0).integers(0, 256, (3, 4, 32, 32, 1), dtype=np.uint8)
-    centres, matched, right = bench.glyph_centres(model, videos)
+    centres, matched, right, right_apart = bench.glyph_centres(model, videos)
     with torch.no_grad():
         encoding = model.encode(cdsvae.to_frames(videos, "cpu"))
         unit = model.frame_decoder.centres(encoding.dynamic_mean.flatten(0, 1)).view(3, 4, 2, 2)
-    assert right is None and centres.shape == matched.shape == (3, 4, 2, 2)
+    assert right is None and right_apart is None and centres.shape == matched.shape == (3, 4, 2, 2)
     np.testing.assert_allclose(centres, ((unit + 1) * 16).numpy(), rtol=1e-6)
     order = encoding.glyph_order.numpy()                # glyph k is at place order[n, t, k]
     for n, t, k in np.ndindex(3, 4, 2):
         np.testing.assert_array_equal(matched[n, t, k], centres[n, t, order[n, t, k]])
     assert ((centres >= 8) & (centres <= 24)).all()     # a glyph of 16 px stays inside the frame
+
+
+def test_glyphs_drawn_apart_fill_the_diagonal_quarters_each_with_its_own_glyph(load_bench):
+    bench = load_bench("glyph_tracking")
+    cfg = cdsvae.Config(**cdsvae.preset("sm-mnist", "cpu"), frame_shape=(1, 32, 32), frames=4)
+    torch.manual_seed(0)
+    model = cdsvae.CDSVAE(cfg).eval()
+    with torch.no_grad():
+        model.frame_decoder.background.fill_(-2.0)
+        static = torch.randn(3, cfg.static_dim)
+        frames = bench.drawn_apart(model, static, 5)
+        glyphs = model.frame_decoder.drawn(static).view(3, 2, 1, 16, 16)
+    assert frames.shape == (3, 5, 1, 32, 32) and torch.equal(frames[:, 0], frames[:, 4])
+    none = torch.exp(-torch.nn.functional.softplus(torch.tensor(-2.0)))   # no background drawn
+    union = lambda glyph: 1 - (1 - glyph * (1 - 1e-6)) * none              # noqa: E731
+    torch.testing.assert_close(frames[:, 0, :, :16, :16], union(glyphs[:, 0]), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(frames[:, 0, :, 16:, 16:], union(glyphs[:, 1]), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(frames[:, 0, :, :16, 16:], union(torch.zeros(3, 1, 16, 16)), atol=1e-5, rtol=1e-4)
+
+
+def test_real_digits_apart_are_the_pools_digits_in_the_diagonal_quarters(load_bench):
+    bench = load_bench("glyph_tracking")
+    from data_prep import sm_mnist
+
+    images = np.random.default_rng(1).integers(0, 256, (5, 28, 28), dtype=np.uint8)
+    labels = np.array([3, 1, 4, 1, 5])
+    videos, found = bench.real_apart(images, labels, 4, 32, 3, seed=2)
+    pairs = np.random.default_rng(2).integers(5, size=(4, 2))
+    small = sm_mnist._resize(images, 16)
+    assert videos.shape == (4, 3, 32, 32, 1) and (videos[:, 0] == videos[:, 2]).all()
+    np.testing.assert_array_equal(videos[:, 1, :16, :16, 0], small[pairs[:, 0]])
+    np.testing.assert_array_equal(videos[:, 1, 16:, 16:, 0], small[pairs[:, 1]])
+    assert not videos[:, :, :16, 16:].any() and not videos[:, :, 16:, :16].any()
+    np.testing.assert_array_equal(found["digit_low"], np.minimum(labels[pairs[:, 0]], labels[pairs[:, 1]]))
+    np.testing.assert_array_equal(found["digit_high"], np.maximum(labels[pairs[:, 0]], labels[pairs[:, 1]]))
+
+
+def test_per_digit_counts_each_appearance_under_either_head(load_bench):
+    bench = load_bench("glyph_tracking")
+    labels = {"digit_low": np.array([1, 1, 2]), "digit_high": np.array([2, 7, 7])}
+    right = np.array([[True, False], [True, True], [False, False]])
+    # 1: right twice of 2; 2: wrong as high (video 0), wrong as low (video 2); 7: right once of 2
+    assert bench.per_digit(right, labels) == {1: 1.0, 2: 0.0, 7: 0.5}
