@@ -15,13 +15,14 @@ centre per frame (``GlyphDecoder.centres``) is matched to the nearest digit:
   what s_k reads, so it says how often the matching keeps each glyph's glimpses on one digit;
 - with ``--judge``: the judge's accuracy of both digits at once on the reconstructions (posterior
   means, each glyph drawn at the place the posterior matched it to: ``Encoding.glyph_order``),
-  over all sequences, the consistent ones and the others; and ``both_digits_drawn_apart``: the same
-  for each sequence's two glyphs (drawn from the posterior mean of s) placed apart, in the top-left
-  and bottom-right quarters of every frame, where they cannot overlap, beside ``real_digits_apart``:
-  the judge on test digits placed the same way (what it manages on such frames). Drawn apart right
-  but reconstructed wrong: the placing or the overlaps; drawn apart wrong: the digits' identity in
-  s and in the drawing. ``per_digit``: for each digit, the share of its appearances (as either
-  head's digit) judged right, in the reconstructions, drawn apart and real apart.
+  over all sequences, the consistent ones and the others; ``both_digits_real``: the judge on the
+  test videos themselves; with two glyphs, ``both_digits_drawn_apart``: each sequence's two glyphs
+  (drawn from the posterior mean of s) placed apart, in the top-left and bottom-right quarters of
+  every frame where they cannot overlap, beside ``real_digits_apart``: test digits placed the same
+  way (what the judge manages on such frames). Drawn apart right but reconstructed wrong: the
+  placing or the overlaps; drawn apart wrong: the digits' identity in s and in the drawing.
+  ``per_digit``: for each digit, the share of its appearances (as either head's digit) judged
+  right, in the reconstructions, drawn apart and real apart.
 
 Since the nineteenth session the model matches the glyphs to z_t's places frame by frame
 (``cdsvae.match_glyphs``), so a place that changes digits no longer mixes two digits in s;
@@ -67,9 +68,10 @@ def glyph_centres(model: cdsvae.CDSVAE, videos: np.ndarray, judge=None, labels=N
     """From the posterior means, in pixels: the centre of each of z_t's K places per frame
     (N, T, K, 2), the same reordered by the matched glyph order (glyph k's centre in every frame),
     and with a judge, whether it gets digit_low and digit_high right (N, 2) in each reconstruction
-    and in the two glyphs drawn apart (``drawn_apart``)."""
+    and, with two glyphs, in the two drawn apart (``drawn_apart``; else None)."""
     model.eval()
-    centres, matched, right, right_apart = [], [], [], []
+    apart = model.cfg.glyphs == len(APART)
+    centres, matched, heads, heads_apart = [], [], [], []
     size = model.cfg.frame_shape[-1]
     for start in range(0, len(videos), batch):
         x = cdsvae.to_frames(videos[start:start + batch], "cpu")
@@ -82,11 +84,11 @@ def glyph_centres(model: cdsvae.CDSVAE, videos: np.ndarray, judge=None, labels=N
         if judge is not None:
             reconstruction = model.decode(encoding.static_mean, encoding.dynamic_mean, encoding.glyph_order)
             these = {f: labels[f][start:start + len(x)] for f in ("digit_low", "digit_high")}
-            right.append(heads_right(judge, reconstruction, these))
-            right_apart.append(heads_right(judge, drawn_apart(model, encoding.static_mean, T), these))
-    if judge is None:
-        return np.concatenate(centres), np.concatenate(matched), None, None
-    return np.concatenate(centres), np.concatenate(matched), np.concatenate(right), np.concatenate(right_apart)
+            heads.append(heads_right(judge, reconstruction, these))
+            if apart:
+                heads_apart.append(heads_right(judge, drawn_apart(model, encoding.static_mean, T), these))
+    joined = lambda arrays: np.concatenate(arrays) if arrays else None   # noqa: E731
+    return joined(centres), joined(matched), joined(heads), joined(heads_apart)
 
 
 APART = torch.tensor([[-0.5, -0.5], [0.5, 0.5]])   # glyph centres in [-1, 1]: the frame's diagonal quarters
@@ -169,12 +171,14 @@ def main():
         report["both_digits_reconstructed"] = {"all": float(right.mean()),
                                                "consistent": float(right[consistent].mean()) if consistent.any() else None,
                                                "others": float(right[~consistent].mean()) if (~consistent).any() else None}
-        report["both_digits_drawn_apart"] = float(heads_apart.all(1).mean())
-        still, still_labels = real_apart(*pools["test"], count, model.cfg.frame_shape[-1], videos.shape[1], args.seed)
-        real = heads_right(judge, cdsvae.to_frames(still, "cpu"), still_labels)
-        report["real_digits_apart"] = float(real.all(1).mean())
-        report["per_digit"] = {"reconstructed": per_digit(heads, shown), "drawn_apart": per_digit(heads_apart, shown),
-                               "real_apart": per_digit(real, still_labels)}
+        report["both_digits_real"] = float(heads_right(judge, cdsvae.to_frames(videos[:count], "cpu"), shown).all(1).mean())
+        report["per_digit"] = {"reconstructed": per_digit(heads, shown)}
+        if heads_apart is not None:
+            still, still_labels = real_apart(*pools["test"], count, model.cfg.frame_shape[-1], videos.shape[1], args.seed)
+            real = heads_right(judge, cdsvae.to_frames(still, "cpu"), still_labels)
+            report["both_digits_drawn_apart"] = float(heads_apart.all(1).mean())
+            report["real_digits_apart"] = float(real.all(1).mean())
+            report["per_digit"].update(drawn_apart=per_digit(heads_apart, shown), real_apart=per_digit(real, still_labels))
     print(json.dumps(report, indent=1))
 
 

@@ -53,11 +53,11 @@ def test_centres_are_the_decoders_in_pixels(load_bench):
     torch.manual_seed(0)
     model = cdsvae.CDSVAE(cfg)
     videos = np.random.default_rng(0).integers(0, 256, (3, 4, 32, 32, 1), dtype=np.uint8)
-    centres, matched, right, right_apart = bench.glyph_centres(model, videos)
+    centres, matched, heads, heads_apart = bench.glyph_centres(model, videos)
     with torch.no_grad():
         encoding = model.encode(cdsvae.to_frames(videos, "cpu"))
         unit = model.frame_decoder.centres(encoding.dynamic_mean.flatten(0, 1)).view(3, 4, 2, 2)
-    assert right is None and right_apart is None and centres.shape == matched.shape == (3, 4, 2, 2)
+    assert heads is None and heads_apart is None and centres.shape == matched.shape == (3, 4, 2, 2)
     np.testing.assert_allclose(centres, ((unit + 1) * 16).numpy(), rtol=1e-6)
     order = encoding.glyph_order.numpy()                # glyph k is at place order[n, t, k]
     for n, t, k in np.ndindex(3, 4, 2):
@@ -106,3 +106,22 @@ def test_per_digit_counts_each_appearance_under_either_head(load_bench):
     right = np.array([[True, False], [True, True], [False, False]])
     # 1: right twice of 2; 2: wrong as high (video 0), wrong as low (video 2); 7: right once of 2
     assert bench.per_digit(right, labels) == {1: 1.0, 2: 0.0, 7: 0.5}
+
+
+def test_with_a_judge_each_reconstruction_and_each_pair_drawn_apart_is_judged(load_bench):
+    bench = load_bench("glyph_tracking")
+    cfg = cdsvae.Config(**cdsvae.preset("sm-mnist", "cpu"), frame_shape=(1, 32, 32), frames=4)
+    torch.manual_seed(0)
+    model = cdsvae.CDSVAE(cfg)
+    judge = cdsvae.Judge(cdsvae.Config(**cdsvae.preset("sm-mnist"), frame_shape=(1, 32, 32), frames=4),
+                         {"digit_low": list("0123456789"), "digit_high": list("0123456789")})
+    videos = np.random.default_rng(0).integers(0, 256, (3, 4, 32, 32, 1), dtype=np.uint8)
+    labels = {"digit_low": np.array([0, 1, 2]), "digit_high": np.array([3, 4, 5])}
+    heads, heads_apart = bench.glyph_centres(model, videos, judge, labels)[2:]
+    with torch.no_grad():
+        encoding = model.encode(cdsvae.to_frames(videos, "cpu"))
+        reconstruction = model.decode(encoding.static_mean, encoding.dynamic_mean, encoding.glyph_order)
+        apart = bench.drawn_apart(model, encoding.static_mean, 4)
+    np.testing.assert_array_equal(heads, bench.heads_right(judge, reconstruction, labels))
+    np.testing.assert_array_equal(heads_apart, bench.heads_right(judge, apart, labels))
+    assert heads.shape == heads_apart.shape == (3, 2)
