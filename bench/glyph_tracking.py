@@ -63,34 +63,6 @@ def tracking(centres: np.ndarray, trajectories: np.ndarray, apart: float = 6.0) 
     return {"consistent": consistent, "switches": switches, "error": distance.min(-1)}
 
 
-@torch.no_grad()
-def glyph_centres(model: cdsvae.CDSVAE, videos: np.ndarray, judge=None, labels=None, batch: int = 250):
-    """From the posterior means, in pixels: the centre of each of z_t's K places per frame
-    (N, T, K, 2), the same reordered by the matched glyph order (glyph k's centre in every frame),
-    and with a judge, whether it gets digit_low and digit_high right (N, 2) in each reconstruction
-    and, with two glyphs, in the two drawn apart (``drawn_apart``; else None)."""
-    model.eval()
-    apart = model.cfg.glyphs == len(APART)
-    centres, matched, heads, heads_apart = [], [], [], []
-    size = model.cfg.frame_shape[-1]
-    for start in range(0, len(videos), batch):
-        x = cdsvae.to_frames(videos[start:start + batch], "cpu")
-        encoding = model.encode(x)
-        B, T = x.shape[:2]
-        centre = model.frame_decoder.centres(encoding.dynamic_mean.flatten(0, 1))
-        places = ((centre + 1) / 2 * size).view(B, T, model.cfg.glyphs, 2)
-        centres.append(places.numpy())
-        matched.append(torch.gather(places, 2, encoding.glyph_order[..., None].expand(-1, -1, -1, 2)).numpy())
-        if judge is not None:
-            reconstruction = model.decode(encoding.static_mean, encoding.dynamic_mean, encoding.glyph_order)
-            these = {f: labels[f][start:start + len(x)] for f in ("digit_low", "digit_high")}
-            heads.append(heads_right(judge, reconstruction, these))
-            if apart:
-                heads_apart.append(heads_right(judge, drawn_apart(model, encoding.static_mean, T), these))
-    joined = lambda arrays: np.concatenate(arrays) if arrays else None   # noqa: E731
-    return joined(centres), joined(matched), joined(heads), joined(heads_apart)
-
-
 APART = torch.tensor([[-0.5, -0.5], [0.5, 0.5]])   # glyph centres in [-1, 1]: the frame's diagonal quarters
 
 
@@ -130,6 +102,34 @@ def per_digit(right: np.ndarray, labels: dict) -> dict:
     """The share of each digit's appearances (as digit_low or digit_high) judged right."""
     digits = np.stack([labels["digit_low"], labels["digit_high"]], axis=1)
     return {int(d): round(float(right[digits == d].mean()), 3) for d in np.unique(digits)}
+
+
+@torch.no_grad()
+def glyph_centres(model: cdsvae.CDSVAE, videos: np.ndarray, judge=None, labels=None, batch: int = 250):
+    """From the posterior means, in pixels: the centre of each of z_t's K places per frame
+    (N, T, K, 2), the same reordered by the matched glyph order (glyph k's centre in every frame),
+    and with a judge, whether it gets digit_low and digit_high right (N, 2) in each reconstruction
+    and, with two glyphs, in the two drawn apart (``drawn_apart``; else None)."""
+    model.eval()
+    apart = model.cfg.glyphs == len(APART)
+    centres, matched, heads, heads_apart = [], [], [], []
+    size = model.cfg.frame_shape[-1]
+    for start in range(0, len(videos), batch):
+        x = cdsvae.to_frames(videos[start:start + batch], "cpu")
+        encoding = model.encode(x)
+        B, T = x.shape[:2]
+        centre = model.frame_decoder.centres(encoding.dynamic_mean.flatten(0, 1))
+        places = ((centre + 1) / 2 * size).view(B, T, model.cfg.glyphs, 2)
+        centres.append(places.numpy())
+        matched.append(torch.gather(places, 2, encoding.glyph_order[..., None].expand(-1, -1, -1, 2)).numpy())
+        if judge is not None:
+            reconstruction = model.decode(encoding.static_mean, encoding.dynamic_mean, encoding.glyph_order)
+            these = {f: labels[f][start:start + len(x)] for f in ("digit_low", "digit_high")}
+            heads.append(heads_right(judge, reconstruction, these))
+            if apart:
+                heads_apart.append(heads_right(judge, drawn_apart(model, encoding.static_mean, T), these))
+    joined = lambda arrays: np.concatenate(arrays) if arrays else None   # noqa: E731
+    return joined(centres), joined(matched), joined(heads), joined(heads_apart)
 
 
 def fail(message: str) -> None:

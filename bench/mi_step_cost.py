@@ -65,7 +65,6 @@ def main():
         sys.exit(2)
     base = dict(cdsvae.preset("sm-mnist", "cpu"), frame_shape=data.frame_shape,
                 frames=data.train.sequences.shape[1], dataset_size=len(data.train.sequences))
-    base = {k: v for k, v in base.items() if k in cdsvae.Config.__dataclass_fields__}
     x = cdsvae.to_frames(data.train.sequences[:args.batch_size], "cpu")
     times = step_times(base, VARIANTS, x, args.rounds)
     reference = times["DSVAE (mi off)"]
