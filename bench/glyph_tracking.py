@@ -22,7 +22,9 @@ centre per frame (``GlyphDecoder.centres``) is matched to the nearest digit:
   way (what the judge manages on such frames). Drawn apart right but reconstructed wrong: the
   placing or the overlaps; drawn apart wrong: the digits' identity in s and in the drawing.
   ``per_digit``: for each digit, the share of its appearances (as either head's digit) judged
-  right, in the reconstructions, drawn apart and real apart.
+  right, in the reconstructions, drawn apart and real apart. ``both_digits_by_overlap``: both
+  digits right in the test videos themselves and in their reconstructions, by the share of the
+  sequence's frames in which the digits' centres are closer than ``--apart`` pixels (``by_overlap``).
 
 Since the nineteenth session the model matches the glyphs to z_t's places frame by frame
 (``cdsvae.match_glyphs``), so a place that changes digits no longer mixes two digits in s;
@@ -104,6 +106,20 @@ def per_digit(right: np.ndarray, labels: dict) -> dict:
     return {int(d): round(float(right[digits == d].mean()), 3) for d in np.unique(digits)}
 
 
+OVERLAP_BINS = ("none", "(0, 0.2)", "[0.2, 0.5)", "[0.5, 1]")   # the share of a sequence's frames
+
+
+def by_overlap(right: dict, trajectories: np.ndarray, apart: float = 6.0) -> dict:
+    """Both digits right, by how much of the sequence the digits overlap: the share of its frames
+    whose digits' centres are closer than ``apart`` pixels (``trajectories`` (N, T, 2, 2)), in the
+    bins of ``OVERLAP_BINS``; ``right`` maps names (e.g. real, reconstructed) to (N,) booleans."""
+    share = (np.linalg.norm(trajectories[:, :, 0] - trajectories[:, :, 1], axis=-1) < apart).mean(1)
+    bins = np.digitize(share, [1e-9, 0.2, 0.5])
+    return {name: {"sequences": int((bins == b).sum()),
+                   **{what: float(hits[bins == b].mean()) if (bins == b).any() else None for what, hits in right.items()}}
+            for b, name in enumerate(OVERLAP_BINS)}
+
+
 @torch.no_grad()
 def glyph_centres(model: cdsvae.CDSVAE, videos: np.ndarray, judge=None, labels=None, batch: int = 250):
     """From the posterior means, in pixels: the centre of each of z_t's K places per frame
@@ -171,7 +187,10 @@ def main():
         report["both_digits_reconstructed"] = {"all": float(right.mean()),
                                                "consistent": float(right[consistent].mean()) if consistent.any() else None,
                                                "others": float(right[~consistent].mean()) if (~consistent).any() else None}
-        report["both_digits_real"] = float(heads_right(judge, cdsvae.to_frames(videos[:count], "cpu"), shown).all(1).mean())
+        real_right = heads_right(judge, cdsvae.to_frames(videos[:count], "cpu"), shown).all(1)
+        report["both_digits_real"] = float(real_right.mean())
+        report["both_digits_by_overlap"] = by_overlap({"real": real_right, "reconstructed": right},
+                                                      trajectories[:count], args.apart)
         report["per_digit"] = {"reconstructed": per_digit(heads, shown)}
         if heads_apart is not None:
             still, still_labels = real_apart(*pools["test"], count, model.cfg.frame_shape[-1], videos.shape[1], args.seed)

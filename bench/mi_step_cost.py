@@ -6,7 +6,8 @@ the same machine state; the median of ``--rounds`` steps each, after two warm-up
 
     OMP_NUM_THREADS=1 taskset -c 0 python bench/mi_step_cost.py --data-dir MNIST
 
-bench/RESULTS.md (twenty-first session): the motion view is about a third of C-DSVAE's step.
+bench/RESULTS.md (twenty-first session): the motion view is about a third of C-DSVAE's step;
+(twenty-second) the preset now computes it without gradient (``motion_grad=False``), a cheaper step.
 """
 from __future__ import annotations
 
@@ -23,7 +24,9 @@ import cdsvae  # noqa: E402
 
 VARIANTS = {"C-DSVAE (the preset)": {}, "DSVAE (mi off)": dict(mi="off"),
             "C-DSVAE without the motion view": dict(motion_aug=False),
-            "C-DSVAE, I(z;x) along mean rollouts": dict(mi_rollout="mean")}
+            "C-DSVAE, I(z;x) along mean rollouts": dict(mi_rollout="mean"),
+            "C-DSVAE, the motion view with gradient (the preset before)": dict(motion_grad=True),
+            "C-DSVAE, glyphs read beside the others": dict(explain_away=True)}
 
 
 def step_times(base: dict, variants: dict, x: torch.Tensor, rounds: int, seed: int = 0) -> dict:

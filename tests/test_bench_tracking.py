@@ -108,6 +108,22 @@ def test_per_digit_counts_each_appearance_under_either_head(load_bench):
     assert bench.per_digit(right, labels) == {1: 1.0, 2: 0.0, 7: 0.5}
 
 
+def test_by_overlap_bins_sequences_by_the_share_of_frames_whose_digits_are_close(load_bench):
+    bench = load_bench("glyph_tracking")
+    paths = np.repeat(digits(), 4, axis=0)                    # digit 0 on digit 1 in frame 3 only: 1 / 6
+    paths[0, 3, 0] = [8, 8]                                   # never close
+    paths[2, 2, 0] = [24, 21]                                 # 3 px away in frame 2, and frame 3: 2 / 6
+    paths[3, :, 0] = [22, 22]                                 # always: 6 / 6
+    right = {"real": np.array([True, True, False, True]), "reconstructed": np.array([True, False, False, False])}
+    report = bench.by_overlap(right, paths)
+    assert report == {"none": {"sequences": 1, "real": 1.0, "reconstructed": 1.0},
+                      "(0, 0.2)": {"sequences": 1, "real": 1.0, "reconstructed": 0.0},
+                      "[0.2, 0.5)": {"sequences": 1, "real": 0.0, "reconstructed": 0.0},
+                      "[0.5, 1]": {"sequences": 1, "real": 1.0, "reconstructed": 0.0}}
+    empty = bench.by_overlap({"real": np.array([True])}, paths[:1])
+    assert empty["[0.5, 1]"] == {"sequences": 0, "real": None}
+
+
 def test_with_a_judge_each_reconstruction_and_each_pair_drawn_apart_is_judged(load_bench):
     bench = load_bench("glyph_tracking")
     cfg = cdsvae.Config(**cdsvae.preset("sm-mnist", "cpu"), frame_shape=(1, 32, 32), frames=4)

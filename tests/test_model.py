@@ -336,9 +336,10 @@ def test_the_glyph_order_draws_each_glyph_at_its_matched_place():
     assert cdsvae.CDSVAE(small_config()).eval().encode(torch.rand(2, 5, 3, 16, 16)).glyph_order is None
 
 
-def test_glyph_model_trains_every_parameter_swaps_samples_and_reloads(tmp_path):
+@pytest.mark.parametrize("options", [{}, {"explain_away": True, "motion_grad": False}])
+def test_glyph_model_trains_every_parameter_swaps_samples_and_reloads(tmp_path, options):
     torch.manual_seed(0)
-    model = cdsvae.CDSVAE(glyph_config())
+    model = cdsvae.CDSVAE(glyph_config(**options))
     x = (torch.rand(4, 5, 1, 32, 32) > 0.8).float()
     loss, _ = model(x)
     loss.backward()
@@ -351,8 +352,61 @@ def test_glyph_model_trains_every_parameter_swaps_samples_and_reloads(tmp_path):
     assert cdsvae.generate(model, batch=2, frames=7).shape == (2, 7, 1, 32, 32)
     cdsvae.save_checkpoint(model, tmp_path / "glyphs.pt")
     reloaded = cdsvae.load_checkpoint(tmp_path / "glyphs.pt").eval()
-    assert reloaded.cfg.glyphs == 2
+    assert reloaded.cfg.glyphs == 2 and all(getattr(reloaded.cfg, k) == v for k, v in options.items())
     torch.testing.assert_close(reloaded.encode(x).static_mean, encoding.static_mean)
+
+
+def test_the_other_glyphs_through_a_window_are_their_drawings_shifted_by_whole_pixels():
+    """``GlyphDecoder.others_seen``: through glyph k's window, every other glyph j is its drawing
+    shifted by 16 (c_j - c_k) pixels (centres on whole pixels: multiples of 1/16 of the
+    half-width), the union of them written out pixel by pixel (three glyphs)."""
+    torch.manual_seed(0)
+    decoder = cdsvae.GlyphDecoder(glyph_config(glyphs=3))
+    batch, steps = 2, 3
+    glyphs = torch.rand(batch, 3, 1, 16, 16)
+    pixels = torch.randint(-8, 9, (batch, steps, 3, 2))
+    seen = decoder.others_seen(glyphs, pixels / 16).view(batch, steps, 3, 1, 16, 16)
+    for b in range(batch):
+        for t in range(steps):
+            for k in range(3):
+                none = torch.ones(16, 16)
+                for j in set(range(3)) - {k}:
+                    dx, dy = (int(v) for v in pixels[b, t, j] - pixels[b, t, k])
+                    shifted = torch.zeros(16, 16)
+                    for row in range(16):
+                        for column in range(16):
+                            if 0 <= row - dy < 16 and 0 <= column - dx < 16:
+                                shifted[row, column] = glyphs[b, j, 0, row - dy, column - dx]
+                    none = none * (1 - shifted * (1 - 1e-6))
+                torch.testing.assert_close(seen[b, t, k, 0], 1 - none, atol=1e-5, rtol=0)
+
+
+def test_explain_away_reads_each_glimpse_beside_the_other_glyphs_drawn_from_a_first_reading():
+    """``explain_away`` (ours): with a glyph decoder that draws nothing, the second channel is
+    empty and s is what the glimpses alone give (a model whose encoder has only the first
+    channel's weights); with glyphs drawn, the other glyphs change s; training reaches every
+    parameter, and the first reading, drawn without gradient, adds none."""
+    torch.manual_seed(0)
+    model = cdsvae.CDSVAE(glyph_config(explain_away=True)).eval()
+    plain = cdsvae.CDSVAE(glyph_config()).eval()
+    state = model.state_dict()
+    state["static_posterior.encoder.0.weight"] = state["static_posterior.encoder.0.weight"][:, :1]
+    plain.load_state_dict(state)
+    x = (torch.rand(3, 5, 1, 32, 32) > 0.7).float()
+    with torch.no_grad():
+        drawn = model.encode(x).static_mean
+        last = model.frame_decoder.glyph[-1]
+        nn.init.zeros_(last.weight)
+        nn.init.constant_(last.bias, -40.0)                          # every glyph pixel ~ 4e-18
+        torch.testing.assert_close(model.encode(x).static_mean, plain.encode(x).static_mean, atol=1e-6, rtol=1e-5)
+        assert not torch.allclose(drawn, plain.encode(x).static_mean, atol=1e-3)
+    model = cdsvae.CDSVAE(glyph_config(explain_away=True))
+    reads = []
+    model.static_posterior.encoder.register_forward_hook(lambda module, inputs, out: reads.append(out.requires_grad))
+    loss, _ = model(x)
+    loss.backward()
+    assert reads == [False, True]                                   # the first reading has no gradient
+    assert [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0] == []
 
 
 def test_glyph_static_posterior_reads_the_frames_where_the_trajectory_puts_the_glyphs():

@@ -296,6 +296,62 @@ def test_mean_rollouts_for_the_dynamic_contrastive_term(monkeypatch):
     assert terms["mi_zx"].item() == pytest.approx(direct, rel=1e-4)
 
 
+@pytest.mark.parametrize("rollout", ["sampled", "mean"])
+def test_without_motion_grad_i_z_x_pulls_x_towards_a_fixed_motion_view(monkeypatch, rollout):
+    """motion_grad=False (ours): the same value of I(z;x) as with the gradient (in eval mode, where
+    BatchNorm does not see the motion view's batch apart), and its gradient is that of InfoNCE
+    between x's trajectory and the motion view's, the latter computed without gradient."""
+    torch.manual_seed(0)
+    with_grad = small_model(mi_rollout=rollout).eval()
+    fixed = small_model(mi_rollout=rollout, motion_grad=False).eval()
+    fixed.load_state_dict(with_grad.state_dict())
+    batch, steps = 4, 5
+    x, view = torch.rand(batch, steps, 3, 16, 16), torch.rand(batch, steps, 3, 16, 16)
+    noise = [torch.randn(batch, 6), torch.randn(batch, steps, 3), torch.randn(batch, steps, 3)]
+    monkeypatch.setattr(cdsvae, "motion_augment", lambda frames: view)
+    terms = {}
+    for name, model in (("with_grad", with_grad), ("fixed", fixed)):
+        handed_out = iter(noise)
+        monkeypatch.setattr(cdsvae.CDSVAE, "noise", staticmethod(lambda shape, like: next(handed_out)))
+        terms[name] = model.objective_terms(x)["mi_zx"]
+    assert terms["fixed"].item() == pytest.approx(terms["with_grad"].item(), rel=1e-5)
+    eps, motion_eps = (torch.zeros(batch, steps, 3),) * 2 if rollout == "mean" else noise[1:]
+    anchor = fixed.dynamic_posterior(fixed.encode_frames(x), eps)[1]
+    with torch.no_grad():
+        target = fixed.dynamic_posterior(fixed.encode_frames(view), motion_eps)[1]
+    direct = cdsvae.contrastive_mi(anchor.flatten(1), target.flatten(1), fixed.cfg.tau)
+    parameters = [p for p in fixed.parameters() if p.requires_grad]
+    got = torch.autograd.grad(terms["fixed"], parameters, allow_unused=True)
+    expected = torch.autograd.grad(direct, parameters, allow_unused=True)
+    for mine, theirs in zip(got, expected):
+        if theirs is None:
+            assert mine is None or not mine.abs().sum() > 0
+        else:
+            torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-6)
+    full = torch.autograd.grad(terms["with_grad"], list(with_grad.parameters()), allow_unused=True)
+    assert any(theirs is not None and not torch.allclose(f, theirs, rtol=1e-3, atol=1e-6)
+               for f, theirs in zip(full, expected) if f is not None)   # the test can fail
+
+
+def test_without_motion_grad_the_motion_view_leaves_the_running_statistics_to_x():
+    """In training the motion view, a batch of its own without gradient, is normalised by its own
+    statistics but does not move BatchNorm's running statistics: they are those of x's frames."""
+    torch.manual_seed(0)
+    fixed = small_model(motion_grad=False)
+    alone = small_model(motion_grad=False)
+    alone.load_state_dict(fixed.state_dict())
+    x = torch.rand(4, 5, 3, 16, 16)
+    fixed(x)
+    alone.encode_frames(x)
+    norms = [(a, b) for a, b in zip(fixed.frame_encoder.modules(), alone.frame_encoder.modules())
+             if isinstance(a, torch.nn.BatchNorm2d)]
+    assert norms and all(float(a.momentum) == 0.1 for a, _ in norms)
+    for a, b in norms:
+        torch.testing.assert_close(a.running_mean, b.running_mean)
+        torch.testing.assert_close(a.running_var, b.running_var)
+        assert not torch.equal(a.running_mean, torch.zeros_like(a.running_mean))
+
+
 def test_mws_ablation_uses_mws_estimates_everywhere():
     torch.manual_seed(0)
     model = small_model(mi="mws")
