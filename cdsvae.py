@@ -129,7 +129,7 @@ class Config:
                                       # other glyphs as a first reading draws them (CDSVAE.static_inputs)
     motion_aug: bool = True           # off: I(z;x) by MWS instead of contrastive
     motion_grad: bool = True          # ours, off: the motion view is a fixed target of I(z;x) (no gradient
-                                      # through its frame features and trajectory; a quarter less step time)
+                                      # through its frame features and trajectory; about a fifth less step time)
     dataset_size: int = 9000          # N in the MWS estimate of q(s), q(z)
     # optimisation
     lr: float = 1e-3
@@ -2605,7 +2605,7 @@ def train_command(
     content_aug: bool = typer.Option(True, help="Content augmentation for I(s;x) (off: MWS estimate)."),
     content_flip: Optional[bool] = typer.Option(None, help="Ours, not the paper's: the content view is also mirrored left-right, so s must not know left from right (only where a mirror keeps the static factors: Sprites, shapes; never digits)."),
     motion_aug: bool = typer.Option(True, help="Motion augmentation for I(z;x) (off: MWS estimate)."),
-    motion_grad: Optional[bool] = typer.Option(None, help="Ours, not the paper's: --no-motion-grad makes the motion view a fixed target of I(z;x), computed without gradient (a quarter less step time; default: the preset's)."),
+    motion_grad: Optional[bool] = typer.Option(None, help="Ours, not the paper's: --no-motion-grad makes the motion view a fixed target of I(z;x), computed without gradient (about a fifth less step time; default: the preset's)."),
     explain_away: Optional[bool] = typer.Option(None, help="Ours, with --glyphs: q(s|x, z) reads each glyph's glimpses beside the other glyphs as a first reading draws them, so where glyphs overlap it is shown whose strokes are whose (default: the preset's)."),
     frame_size: Optional[int] = typer.Option(None, help="Frame height/width for generated datasets."),
     seed: int = typer.Option(0),
