@@ -153,7 +153,8 @@ def static_by_dynamic_source(model, judge, data, factor: str, seed: int = 0) -> 
     overall and per class: a static factor drawn right from real trajectories and wrong from the
     prior's is the decoder's or the prior's, not s's (bench/RESULTS.md, fifteenth session)."""
     truth = np.asarray(data.test.labels[factor])
-    _, judged = cdsvae.judged_generations(model, judge, data, "cpu", seed)
+    static, dynamic = cdsvae.encode_split(model, data.test.sequences, "cpu", sample=False)
+    _, judged = cdsvae.judged_generations(model, judge, static, dynamic, "cpu", seed)
     own = []
     for start in range(0, len(truth), 256):
         encoding = model.encode(cdsvae.to_frames(data.test.sequences[start:start + 256], "cpu"))

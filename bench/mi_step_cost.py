@@ -25,7 +25,7 @@ import cdsvae  # noqa: E402
 VARIANTS = {"C-DSVAE (the preset)": {}, "DSVAE (mi off)": dict(mi="off"),
             "C-DSVAE without the motion view": dict(motion_aug=False),
             "C-DSVAE, I(z;x) along mean rollouts": dict(mi_rollout="mean"),
-            "C-DSVAE, the motion view with gradient (the preset before)": dict(motion_grad=True),
+            "C-DSVAE, the motion view with gradient (the twenty-first session's preset)": dict(motion_grad=True),
             "C-DSVAE, glyphs read beside the others": dict(explain_away=True)}
 
 

@@ -280,7 +280,8 @@ def main():
             dynamic = model.dynamic_posterior(features, zeros)[1]
         if glimpse_encoder is not None:   # s_k: the mean over time of what is where glyph k goes
             B, T = dynamic.shape[:2]
-            seen = glimpse_encoder(model.frame_decoder.glimpses(x.flatten(0, 1), dynamic.flatten(0, 1)))
+            decoder = model.frame_decoder
+            seen = glimpse_encoder(decoder.glimpses(x.flatten(0, 1), decoder.centres(dynamic.flatten(0, 1))))
             static = seen.view(B, T, args.glyphs, -1).mean(1).flatten(1)
         return static, dynamic
 

@@ -321,12 +321,13 @@ def test_scale_applies_its_settings_over_the_preset_and_flags_win_over_both(tmp_
     monkeypatch.setitem(cdsvae.SCALES["cpu"], "shapes", dict(static_dim=5, hidden_dim=6, likelihood="bernoulli"))
     result = run("train", "--scale", "cpu", "--hidden-dim", 8, "--epochs", 1, "--frame-size", 16,
                  "--dynamic-dim", 2, "--feature-dim", 8, "--conv-width", 4, "--batch-size", 256,
-                 "--alpha-static", 2.5, "--club", 1.5, "--pair-critic", 0.5, "--club-start", 3, "--no-motion-grad", "--out", tmp_path / "run", "--device", "cpu")
+                 "--alpha-static", 2.5, "--club", 1.5, "--pair-critic", 0.5, "--club-start", 3, "--no-motion-grad", "--refine-steps", 4, "--out", tmp_path / "run", "--device", "cpu")
     assert result.exit_code == 0, result.output
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert (config["static_dim"], config["hidden_dim"], config["likelihood"]) == (5, 8, "bernoulli")
     assert (config["alpha"], config["alpha_static"]) == (cdsvae.PRESETS["shapes"]["alpha"], 2.5)
     assert config["motion_grad"] is False and config["explain_away"] is False
+    assert (config["refine_steps"], config["refine_lr"]) == (4, cdsvae.Config.refine_lr)
     trained = cdsvae.load_checkpoint(tmp_path / "run" / "last.pt")
     assert (trained.cfg.alpha_static, trained.cfg.club, trained.cfg.pair_critic, trained.cfg.club_start) == (2.5, 1.5, 0.5, 3)
     assert int(trained.club_step) == json.loads((tmp_path / "run" / "summary.json").read_text())["steps"]

@@ -138,7 +138,18 @@ def test_eval_cli_writes_json_and_rejects_a_bad_judge(tmp_path):
     result = runner.invoke(cdsvae.app, ["eval", "--ckpt", str(tmp_path / "m.pt"), "--judge", str(tmp_path / "j.pt"),
                                         *data_args, "-o", str(tmp_path / "report.json"), "--device", "cpu"])
     assert result.exit_code == 0, result.output
-    assert json.loads((tmp_path / "report.json").read_text())["rounds"] == 1
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["rounds"] == 1 and report["refine_steps"] == 0
+    result = runner.invoke(cdsvae.app, ["eval", "--ckpt", str(tmp_path / "m.pt"), "--judge", str(tmp_path / "j.pt"),
+                                        *data_args, "--refine-steps", "2", "-o", str(tmp_path / "refined.json"), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    refined = json.loads((tmp_path / "refined.json").read_text())
+    assert refined["refine_steps"] == 2 and refined["results"] != report["results"]
+    result = runner.invoke(cdsvae.app, ["eval", "--ckpt", str(tmp_path / "m.pt"), "--judge", str(tmp_path / "j.pt"),
+                                        *data_args, "--refine-steps", "-1", "-o", str(tmp_path / "bad.json"), "--device", "cpu"])
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+    assert result.output.startswith("error: --refine-steps must be 0 or more, got -1")
+    assert not (tmp_path / "bad.json").exists()
     result = runner.invoke(cdsvae.app, ["eval", "--ckpt", str(tmp_path / "m.pt"), "--judge", str(tmp_path / "m.pt"),
                                         *data_args, "--device", "cpu"])
     assert result.exit_code == 2 and result.output.startswith("error: ") and "not a cdsvae judge" in result.output

@@ -590,3 +590,45 @@ def test_glyph_terms_equal_a_direct_computation(monkeypatch):
               "mi_sx": explicit_contrastive(static_mean, static_mean, model.cfg.tau)}
     for name, value in direct.items():
         assert terms[name].item() == pytest.approx(value, rel=1e-4, abs=1e-4), name
+
+
+@pytest.mark.parametrize("glyphs", [0, 2])
+def test_refine_takes_adam_steps_down_an_independently_computed_negative_elbo(glyphs):
+    """Ours (--refine-steps): the posterior means moved by Adam, written out here, on
+    -log p(x|s,z) + alpha_static KL(N(s, var_s) || N(0, I)) + alpha sum_t KL(N(z_t, var_z) || p(z_t|z_<t)),
+    the encoder's variances and glyph order held, per sequence (the batch's sum)."""
+    torch.manual_seed(0)
+    shape = (1, 32, 32) if glyphs else (3, 16, 16)
+    model = small_model(frame_shape=shape, glyphs=glyphs, likelihood="bernoulli" if glyphs else "gaussian",
+                        alpha=0.7, alpha_static=1.9, refine_lr=0.02).eval()
+    x = (torch.rand(3, 4, *shape) > 0.6).float() if glyphs else torch.rand(3, 4, *shape)
+    with torch.no_grad():
+        encoding = model.encode(x)                         # refine_steps 0: the encoder's means
+    static, dynamic = encoding.static_mean.clone(), encoding.dynamic_mean.clone()
+    moments = [torch.zeros_like(static), torch.zeros_like(dynamic)], [torch.zeros_like(static), torch.zeros_like(dynamic)]
+    for step in range(1, 4):
+        point = [static.clone().requires_grad_(), dynamic.clone().requires_grad_()]
+        p = torch.sigmoid(model.decode_logits(point[0], point[1], encoding.glyph_order)).double()
+        if glyphs:
+            recon = -(x * torch.log(p) + (1 - x) * torch.log1p(-p)).sum()
+        else:
+            recon = ((p - x) ** 2).sum()
+        prior_mean, prior_logvar = model.dynamic_prior(point[1])
+        kl_s = kl_divergence(Normal(point[0], torch.exp(0.5 * encoding.static_logvar)), Normal(0.0, 1.0)).sum()
+        kl_z = kl_divergence(Normal(point[1], torch.exp(0.5 * encoding.dynamic_logvar)),
+                             Normal(prior_mean, torch.exp(0.5 * prior_logvar))).sum()
+        gradients = torch.autograd.grad(recon + 1.9 * kl_s + 0.7 * kl_z, point)
+        for index, gradient in enumerate(gradients):         # Adam with torch's defaults, by hand
+            first, second = moments[0][index], moments[1][index]
+            first.mul_(0.9).add_(0.1 * gradient.float())
+            second.mul_(0.999).add_(0.001 * gradient.float() ** 2)
+            update = 0.02 * (first / (1 - 0.9 ** step)) / ((second / (1 - 0.999 ** step)).sqrt() + 1e-8)
+            (static if index == 0 else dynamic).sub_(update)
+    refined = model.refine(x, encoding, 3)
+    assert torch.allclose(refined.static_mean, static, atol=2e-5)
+    assert torch.allclose(refined.dynamic_mean, dynamic, atol=2e-5)
+    assert torch.equal(refined.static, refined.static_mean) and torch.equal(refined.dynamic, refined.dynamic_mean)
+    assert torch.equal(refined.static_logvar, encoding.static_logvar)
+    if glyphs:
+        assert torch.equal(refined.glyph_order, encoding.glyph_order)
+    assert not torch.allclose(static, encoding.static_mean, atol=1e-3)      # the steps moved the means
