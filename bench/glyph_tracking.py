@@ -30,7 +30,10 @@ Since the nineteenth session the model matches the glyphs to z_t's places frame 
 (``cdsvae.match_glyphs``), so a place that changes digits no longer mixes two digits in s;
 ``consistent`` still says how often z_t's places keep theirs.
 
-    python bench/glyph_tracking.py --ckpt RUN/last.pt --data-dir MNIST --judge judge_mm32.pt
+    python bench/glyph_tracking.py --ckpt RUN/last.pt --data-dir MNIST --judge judge_mm32.pt [--refine-steps N]
+
+The posterior means are ``cdsvae.CDSVAE.encode``'s: refined by the checkpoint's ``refine_steps``,
+or by ``--refine-steps N`` (0: the encoder's means).
 
 bench/RESULTS.md (nineteenth session): z_t's places exchange the digits where the digits overlap.
 """
@@ -162,10 +165,16 @@ def main():
     parser.add_argument("--count", type=int, default=1000, help="test sequences to score")
     parser.add_argument("--apart", type=float, default=6.0)
     parser.add_argument("--seed", type=int, default=0, help="the data seed, as cdsvae eval's --seed")
+    parser.add_argument("--refine-steps", type=int, help="as cdsvae eval's: the posterior means refined by N steps "
+                        "(default: the checkpoint's)")
     args = parser.parse_args()
     from data_prep import sm_mnist
 
     model = cdsvae.load_checkpoint(args.ckpt)
+    if args.refine_steps is not None:
+        if args.refine_steps < 0:
+            fail(f"--refine-steps must be 0 or more, got {args.refine_steps}")
+        model.cfg.refine_steps = args.refine_steps
     if not model.cfg.glyphs:
         fail(f"{args.ckpt} has no glyphs; expected a checkpoint trained with --glyphs K")
     try:
@@ -179,7 +188,7 @@ def main():
     centres, matched, heads, heads_apart = glyph_centres(model, videos[:count], judge, labels)
     found = tracking(centres, trajectories[:count], args.apart)
     consistent = found["consistent"]
-    report = {"ckpt": args.ckpt, "sequences": count, "centre_error_px": float(np.median(found["error"])),
+    report = {"ckpt": args.ckpt, "refine_steps": model.cfg.refine_steps, "sequences": count, "centre_error_px": float(np.median(found["error"])),
               "consistent": float(consistent.mean()), "switches_per_sequence": float(found["switches"].mean()),
               "matched_consistent": float(tracking(matched, trajectories[:count], args.apart)["consistent"].mean())}
     if heads is not None:
