@@ -170,11 +170,10 @@ def main():
     args = parser.parse_args()
     from data_prep import sm_mnist
 
-    model = cdsvae.load_checkpoint(args.ckpt)
-    if args.refine_steps is not None:
-        if args.refine_steps < 0:
-            fail(f"--refine-steps must be 0 or more, got {args.refine_steps}")
-        model.cfg.refine_steps = args.refine_steps
+    try:
+        model = cdsvae.load_model(Path(args.ckpt), "cpu", args.refine_steps)
+    except cdsvae.UserError as error:
+        fail(str(error))
     if not model.cfg.glyphs:
         fail(f"{args.ckpt} has no glyphs; expected a checkpoint trained with --glyphs K")
     try:
