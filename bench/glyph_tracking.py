@@ -25,6 +25,12 @@ centre per frame (``GlyphDecoder.centres``) is matched to the nearest digit:
   right, in the reconstructions, drawn apart and real apart. ``both_digits_by_overlap``: both
   digits right in the test videos themselves and in their reconstructions, by the share of the
   sequence's frames in which the digits' centres are closer than ``--apart`` pixels (``by_overlap``).
+- with ``--judge`` and two glyphs, ``both_digits_along``: where fixed-static generations lose
+  their pairs, the drawings or the prior's paths. Both digits right for pairs of real test-pool
+  digits (random pairs, ``real_along``) and for each sequence's two glyphs (``glyphs_along``),
+  each drawn along the test videos' true paths and along the prior's draws (z_1:T ~ p(z),
+  ``prior_paths``: glyph k at place k, as ``generate`` draws them). The glyphs along the prior's
+  draws are the fixed-static protocol of ``cdsvae eval``.
 
 Since the nineteenth session the model matches the glyphs to z_t's places frame by frame
 (``cdsvae.match_glyphs``), so a place that changes digits no longer mixes two digits in s;
@@ -109,6 +115,45 @@ def per_digit(right: np.ndarray, labels: dict) -> dict:
     return {int(d): round(float(right[digits == d].mean()), 3) for d in np.unique(digits)}
 
 
+def real_along(images: np.ndarray, labels: np.ndarray, paths: np.ndarray, size: int, seed: int = 0):
+    """Videos (N, T, H, W, 1) uint8 of two pool digits (random pairs) drawn as the generator draws
+    them, digit k with its centre at ``paths[n, t, k]`` (pixels, x then y; rounded to whole pixels
+    and kept inside the frame), and their labels (digit_low, digit_high)."""
+    from data_prep import sm_mnist
+
+    rng = np.random.default_rng(seed)
+    digits = sm_mnist._resize(images, size // 2)
+    pairs = rng.integers(len(digits), size=(len(paths), 2))
+    corners = np.clip(np.rint(paths - size / 4), 0, size // 2).astype(int)     # top-left corners
+    videos = np.zeros((*paths.shape[:2], size, size), dtype=np.uint8)
+    for n, t, k in np.ndindex(*paths.shape[:3]):
+        x, y = corners[n, t, k]
+        canvas = videos[n, t, y:y + size // 2, x:x + size // 2]
+        np.maximum(canvas, digits[pairs[n, k]], out=canvas)
+    return videos[..., None], {"digit_low": labels[pairs].min(1), "digit_high": labels[pairs].max(1)}
+
+
+@torch.no_grad()
+def glyphs_along(model: cdsvae.CDSVAE, static: torch.Tensor, paths: np.ndarray) -> torch.Tensor:
+    """(N, T, C, H, W): the K glyphs of each s (N, Ds) drawn with glyph k's centre at
+    ``paths[n, t, k]`` (pixels, x then y), as the decoder draws them (pixel probabilities)."""
+    decoder, size = model.frame_decoder, model.cfg.frame_shape[-1]
+    N, T, K = paths.shape[:3]
+    glyphs = decoder.drawn(static).view(N, 1, K, *decoder.glyph_shape).expand(N, T, -1, -1, -1, -1)
+    centres = torch.as_tensor(paths, dtype=torch.float32).flatten(0, 2) / size * 2 - 1
+    frames = torch.sigmoid(decoder.union(decoder.placed(glyphs.flatten(0, 2), centres)))
+    return frames.view(N, T, *model.cfg.frame_shape)
+
+
+@torch.no_grad()
+def prior_paths(model: cdsvae.CDSVAE, count: int, frames: int, seed: int = 0) -> np.ndarray:
+    """(count, frames, K, 2): z_1:T drawn from the prior, as the centres of its K places in pixels."""
+    generator = torch.Generator().manual_seed(seed)
+    dynamic = cdsvae.sample_dynamic(model, count, frames, generator=generator)
+    centres = model.frame_decoder.centres(dynamic.flatten(0, 1))
+    return ((centres + 1) / 2 * model.cfg.frame_shape[-1]).view(count, frames, model.cfg.glyphs, 2).numpy()
+
+
 OVERLAP_BINS = ("none", "(0, 0.2)", "[0.2, 0.5)", "[0.5, 1]")   # the share of a sequence's frames
 
 
@@ -128,10 +173,11 @@ def glyph_centres(model: cdsvae.CDSVAE, videos: np.ndarray, judge=None, labels=N
     """From the posterior means, in pixels: the centre of each of z_t's K places per frame
     (N, T, K, 2), the same reordered by the matched glyph order (glyph k's centre in every frame),
     and with a judge, whether it gets digit_low and digit_high right (N, 2) in each reconstruction
-    and, with two glyphs, in the two drawn apart (``drawn_apart``; else None)."""
+    and, with two glyphs, in the two drawn apart (``drawn_apart``; else None); last, the posterior
+    means of s (N, Ds)."""
     model.eval()
     apart = model.cfg.glyphs == len(APART)
-    centres, matched, heads, heads_apart = [], [], [], []
+    centres, matched, heads, heads_apart, statics = [], [], [], [], []
     size = model.cfg.frame_shape[-1]
     for start in range(0, len(videos), batch):
         x = cdsvae.to_frames(videos[start:start + batch], "cpu")
@@ -140,6 +186,7 @@ def glyph_centres(model: cdsvae.CDSVAE, videos: np.ndarray, judge=None, labels=N
         centre = model.frame_decoder.centres(encoding.dynamic_mean.flatten(0, 1))
         places = ((centre + 1) / 2 * size).view(B, T, model.cfg.glyphs, 2)
         centres.append(places.numpy())
+        statics.append(encoding.static_mean)
         matched.append(torch.gather(places, 2, encoding.glyph_order[..., None].expand(-1, -1, -1, 2)).numpy())
         if judge is not None:
             reconstruction = model.decode(encoding.static_mean, encoding.dynamic_mean, encoding.glyph_order)
@@ -148,7 +195,7 @@ def glyph_centres(model: cdsvae.CDSVAE, videos: np.ndarray, judge=None, labels=N
             if apart:
                 heads_apart.append(heads_right(judge, drawn_apart(model, encoding.static_mean, T), these))
     joined = lambda arrays: np.concatenate(arrays) if arrays else None   # noqa: E731
-    return joined(centres), joined(matched), joined(heads), joined(heads_apart)
+    return joined(centres), joined(matched), joined(heads), joined(heads_apart), torch.cat(statics)
 
 
 def fail(message: str) -> None:
@@ -184,7 +231,7 @@ def main():
         *pools["test"], cdsvae.GENERATED["sm-mnist"]["test"], args.seed + 10_000, size=model.cfg.frame_shape[-1])
     count = min(args.count, len(videos))
     judge = cdsvae.load_judge(args.judge) if args.judge else None
-    centres, matched, heads, heads_apart = glyph_centres(model, videos[:count], judge, labels)
+    centres, matched, heads, heads_apart, static = glyph_centres(model, videos[:count], judge, labels)
     found = tracking(centres, trajectories[:count], args.apart)
     consistent = found["consistent"]
     report = {"ckpt": args.ckpt, "refine_steps": model.cfg.refine_steps, "sequences": count, "centre_error_px": float(np.median(found["error"])),
@@ -206,6 +253,16 @@ def main():
             report["both_digits_drawn_apart"] = float(heads_apart.all(1).mean())
             report["real_digits_apart"] = float(real.all(1).mean())
             report["per_digit"].update(drawn_apart=per_digit(heads_apart, shown), real_apart=per_digit(real, still_labels))
+            size, frames = model.cfg.frame_shape[-1], videos.shape[1]
+            paths = {"real trajectories": trajectories[:count], "prior's draws": prior_paths(model, count, frames, args.seed)}
+            along = {"real digits": {}, "glyphs": {}}
+            for name, path in paths.items():
+                pairs, pair_labels = real_along(*pools["test"], path, size, args.seed)
+                along["real digits"][name] = float(heads_right(judge, cdsvae.to_frames(pairs, "cpu"), pair_labels).all(1).mean())
+                along["glyphs"][name] = float(np.concatenate([
+                    heads_right(judge, glyphs_along(model, static[rows], path[rows]), {f: v[rows] for f, v in shown.items()})
+                    for rows in (slice(start, start + 250) for start in range(0, count, 250))]).all(1).mean())
+            report["both_digits_along"] = along
     print(json.dumps(report, indent=1))
 
 

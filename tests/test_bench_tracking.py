@@ -53,11 +53,12 @@ def test_centres_are_the_decoders_in_pixels(load_bench):
     torch.manual_seed(0)
     model = cdsvae.CDSVAE(cfg)
     videos = np.random.default_rng(0).integers(0, 256, (3, 4, 32, 32, 1), dtype=np.uint8)
-    centres, matched, heads, heads_apart = bench.glyph_centres(model, videos)
+    centres, matched, heads, heads_apart, static = bench.glyph_centres(model, videos)
     with torch.no_grad():
         encoding = model.encode(cdsvae.to_frames(videos, "cpu"))
         unit = model.frame_decoder.centres(encoding.dynamic_mean.flatten(0, 1)).view(3, 4, 2, 2)
     assert heads is None and heads_apart is None and centres.shape == matched.shape == (3, 4, 2, 2)
+    torch.testing.assert_close(static, encoding.static_mean)
     np.testing.assert_allclose(centres, ((unit + 1) * 16).numpy(), rtol=1e-6)
     order = encoding.glyph_order.numpy()                # glyph k is at place order[n, t, k]
     for n, t, k in np.ndindex(3, 4, 2):
@@ -133,7 +134,7 @@ def test_with_a_judge_each_reconstruction_and_each_pair_drawn_apart_is_judged(lo
                          {"digit_low": list("0123456789"), "digit_high": list("0123456789")})
     videos = np.random.default_rng(0).integers(0, 256, (3, 4, 32, 32, 1), dtype=np.uint8)
     labels = {"digit_low": np.array([0, 1, 2]), "digit_high": np.array([3, 4, 5])}
-    heads, heads_apart = bench.glyph_centres(model, videos, judge, labels)[2:]
+    heads, heads_apart = bench.glyph_centres(model, videos, judge, labels)[2:4]
     with torch.no_grad():
         encoding = model.encode(cdsvae.to_frames(videos, "cpu"))
         reconstruction = model.decode(encoding.static_mean, encoding.dynamic_mean, encoding.glyph_order)
@@ -141,3 +142,49 @@ def test_with_a_judge_each_reconstruction_and_each_pair_drawn_apart_is_judged(lo
     np.testing.assert_array_equal(heads, bench.heads_right(judge, reconstruction, labels))
     np.testing.assert_array_equal(heads_apart, bench.heads_right(judge, apart, labels))
     assert heads.shape == heads_apart.shape == (3, 2)
+
+
+def test_real_digits_along_paths_are_drawn_as_the_generator_draws_them(load_bench):
+    bench = load_bench("glyph_tracking")
+    from data_prep import sm_mnist
+
+    images = np.random.default_rng(1).integers(1, 256, (5, 28, 28), dtype=np.uint8)
+    labels = np.array([3, 1, 4, 1, 5])
+    # the generator's paths (whole pixels), each frame the union of the pair's two digits there
+    videos, found, paths = sm_mnist.generate(images, labels, 3, seed=4, size=32, frames=5)
+    pairs = np.random.default_rng(2).integers(5, size=(3, 2))
+    drawn, drawn_labels = bench.real_along(images, labels, paths, 32, seed=2)
+    small = sm_mnist._resize(images, 16)
+    assert drawn.shape == videos.shape
+    for n, t in np.ndindex(3, 5):
+        frame = np.zeros((32, 32), dtype=np.uint8)
+        for k in range(2):
+            x, y = (paths[n, t, k] - 8).astype(int)
+            frame[y:y + 16, x:x + 16] = np.maximum(frame[y:y + 16, x:x + 16], small[pairs[n, k]])
+        np.testing.assert_array_equal(drawn[n, t, ..., 0], frame)
+    np.testing.assert_array_equal(drawn_labels["digit_low"], labels[pairs].min(1))
+    # off-grid and outside: rounded, and kept inside the frame
+    off = np.array([[[[8.4, 8.6], [40.0, -3.0]]]], dtype=np.float32)
+    drawn = bench.real_along(images, labels, off, 32, seed=2)[0][0, 0, ..., 0]
+    expected = np.zeros((32, 32), dtype=np.uint8)
+    expected[0:16, 16:32] = small[pairs[0, 1]]                  # (40, -3): the corner (16, 0)
+    expected[1:17, 0:16] = small[pairs[0, 0]]                   # (8.4, 8.6): the corner (0, 1)
+    np.testing.assert_array_equal(drawn, expected)
+
+
+def test_glyphs_along_paths_are_the_decoders_frames_at_those_centres(load_bench):
+    bench = load_bench("glyph_tracking")
+    cfg = cdsvae.Config(**cdsvae.preset("sm-mnist", "cpu"), frame_shape=(1, 32, 32), frames=4)
+    torch.manual_seed(0)
+    model = cdsvae.CDSVAE(cfg).eval()
+    static, dynamic = torch.randn(3, cfg.static_dim), torch.randn(3, 4, cfg.dynamic_dim)
+    with torch.no_grad():
+        paths = ((model.frame_decoder.centres(dynamic.flatten(0, 1)) + 1) * 16).view(3, 4, 2, 2).numpy()
+        # the decoder's own centres as paths: its frames come back (glyph k at place k)
+        torch.testing.assert_close(bench.glyphs_along(model, static, paths), model.decode(static, dynamic),
+                                   atol=1e-5, rtol=1e-4)
+    drawn = bench.prior_paths(model, 3, 4, seed=5)
+    with torch.no_grad():
+        dynamic = cdsvae.sample_dynamic(model, 3, 4, generator=torch.Generator().manual_seed(5))
+        expected = (model.frame_decoder.centres(dynamic.flatten(0, 1)) + 1) * 16
+    np.testing.assert_allclose(drawn, expected.view(3, 4, 2, 2).numpy(), rtol=1e-6)

@@ -319,6 +319,8 @@ def test_scale_applies_its_settings_over_the_preset_and_flags_win_over_both(tmp_
     assert cdsvae.preset("sprites", "cpu") == {**cdsvae.PRESETS["sprites"], **cdsvae.SCALES["cpu"]["sprites"]}
     assert cdsvae.preset("shapes") == cdsvae.PRESETS["shapes"]
     monkeypatch.setitem(cdsvae.SCALES["cpu"], "shapes", dict(static_dim=5, hidden_dim=6, likelihood="bernoulli"))
+    refined, refine = [], cdsvae.CDSVAE.refine
+    monkeypatch.setattr(cdsvae.CDSVAE, "refine", lambda self, x, encoding, steps: refined.append(steps) or refine(self, x, encoding, steps))
     result = run("train", "--scale", "cpu", "--hidden-dim", 8, "--epochs", 1, "--frame-size", 16,
                  "--dynamic-dim", 2, "--feature-dim", 8, "--conv-width", 4, "--batch-size", 256,
                  "--alpha-static", 2.5, "--club", 1.5, "--pair-critic", 0.5, "--club-start", 3, "--no-motion-grad", "--refine-steps", 4, "--out", tmp_path / "run", "--device", "cpu")
@@ -330,5 +332,8 @@ def test_scale_applies_its_settings_over_the_preset_and_flags_win_over_both(tmp_
     assert (config["refine_steps"], config["refine_lr"]) == (4, cdsvae.Config.refine_lr)
     trained = cdsvae.load_checkpoint(tmp_path / "run" / "last.pt")
     assert (trained.cfg.alpha_static, trained.cfg.club, trained.cfg.pair_critic, trained.cfg.club_start) == (2.5, 1.5, 0.5, 3)
-    assert int(trained.club_step) == json.loads((tmp_path / "run" / "summary.json").read_text())["steps"]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert int(trained.club_step) == summary["steps"]
+    # the summary probes the encoder's means: the refinement is left to eval and encode
+    assert refined and set(refined) == {0} and summary["probe_posterior_means"]["latents"] == "posterior means"
     assert config["lr"] == cdsvae.PRESETS["shapes"]["lr"]                 # the rest from the preset

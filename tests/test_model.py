@@ -467,10 +467,14 @@ def test_refined_encodings_lower_the_negative_elbo_per_sequence_and_leave_the_we
         refined = model.encode(x)
         alone = model.encode(x[2:3])
         sampled = model.encode(x, sample=True, generator=torch.Generator().manual_seed(0))
+        unrefined = model.encode(x, refine_steps=0)              # the call's steps over the config's
     model.cfg.refine_steps = 0
+    with torch.no_grad():
+        asked = model.encode(x, refine_steps=5)
     with torch.no_grad():
         sampled_plain = model.encode(x, sample=True, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(refined.static_mean, model.refine(x, plain, 5).static_mean)
+    assert torch.equal(unrefined.static_mean, plain.static_mean) and torch.equal(asked.static_mean, refined.static_mean)
     assert negative_elbo(refined) < negative_elbo(plain)
     assert torch.allclose(alone.static_mean, refined.static_mean[2:3], atol=1e-5)
     assert torch.allclose(alone.dynamic_mean, refined.dynamic_mean[2:3], atol=1e-5)
