@@ -139,6 +139,8 @@ class Config:
     refine_steps: int = 0             # encode's posterior means refined by this many Adam steps on the
                                       # negative ELBO of x (CDSVAE.refine); 0: the encoder's means as they are
     refine_lr: float = 0.1            # the step size of that refinement
+    whole_pixels: bool = False        # with glyphs: decode draws each glyph at the nearest whole pixel, as the
+                                      # data's digits are (GlyphDecoder.on_pixels); the ELBO does not
     # optimisation
     lr: float = 1e-3
     lr_schedule: str = "constant"     # "constant", or "cosine": linear warm-up, then cosine to 0
@@ -587,10 +589,11 @@ class CDSVAE(nn.Module):
         B, T = x.shape[:2]
         return self.frame_encoder(x.flatten(0, 1)).view(B, T, -1)
 
-    def decode_logits(self, static, dynamic, glyph_order=None):
-        """The decoder's output before the sigmoid (video) or the frames (feature frames)."""
+    def decode_logits(self, static, dynamic, glyph_order=None, whole_pixels: bool = False):
+        """The decoder's output before the sigmoid (video) or the frames (feature frames);
+        ``whole_pixels``: glyphs at whole pixels (``GlyphDecoder.on_pixels``)."""
         if self.cfg.glyphs:                      # ours: s draws its glyphs once, z_t places them per frame
-            return self.frame_decoder.sequence(static, dynamic, glyph_order)
+            return self.frame_decoder.sequence(static, dynamic, glyph_order, whole_pixels)
         B, T = dynamic.shape[:2]
         latent = torch.cat([static.unsqueeze(1).expand(B, T, -1), dynamic], dim=-1)
         return self.frame_decoder(latent.flatten(0, 1)).view(B, T, *self.cfg.frame_shape)
@@ -598,8 +601,10 @@ class CDSVAE(nn.Module):
     def decode(self, static, dynamic, glyph_order=None):
         """p(x_t | z_t, s), eq. (1): the decoder sees [s, z_t] for every frame; returns the mean
         frames (video: pixels in [0, 1]). With glyphs, ``glyph_order`` (an encoding's) draws each
-        glyph at the place its posterior matched (a reconstruction); None: glyph k at place k."""
-        out = self.decode_logits(static, dynamic, glyph_order)
+        glyph at the place its posterior matched (a reconstruction); None: glyph k at place k. With
+        ``cfg.whole_pixels`` (ours) the glyphs are drawn at whole pixels, as the data's digits are
+        (the ELBO, in training and in ``refine``, places them where z_t says)."""
+        out = self.decode_logits(static, dynamic, glyph_order, self.cfg.whole_pixels)
         return torch.sigmoid(out) if self.cfg.is_video else out
 
     def reconstruction_nll(self, logits, x):
@@ -1035,14 +1040,15 @@ class GlyphDecoder(nn.Module):
         static, dynamic = latent[:, :self.static_dim], latent[:, self.static_dim:]
         return self.sequence(static, dynamic[:, None], None if order is None else order[:, None])[:, 0]
 
-    def sequence(self, static, dynamic, order=None):         # (B, Ds), (B, T, Dz) -> (B, T, C, H, W) logits
-        """The frames of B sequences: each s draws its K glyphs once (they are the same in every
-        frame), z_t places them in each frame; ``order`` (B, T, K) or None as in ``forward``."""
+    def sequence(self, static, dynamic, order=None, whole_pixels: bool = False):   # -> (B, T, C, H, W) logits
+        """The frames of B sequences (s (B, Ds), z (B, T, Dz)): each s draws its K glyphs once (they
+        are the same in every frame), z_t places them in each frame; ``order`` (B, T, K) or None as
+        in ``forward``; ``whole_pixels`` as in ``moved``."""
         B, T = dynamic.shape[:2]
         glyphs = self.drawn(static).view(B, 1, self.slots, *self.glyph_shape).expand(B, T, -1, -1, -1, -1)
         with torch.autocast(static.device.type, enabled=False):
             placed = self.moved(glyphs.flatten(0, 2), dynamic.flatten(0, 1).float(),
-                                None if order is None else order.flatten(0, 1))
+                                None if order is None else order.flatten(0, 1), whole_pixels)
             return self.union(placed).view(B, T, *self.frame)
 
     def drawn(self, static):
@@ -1061,14 +1067,25 @@ class GlyphDecoder(nn.Module):
         with torch.autocast(dynamic.device.type, enabled=False):
             return 0.5 * torch.tanh(self.where(dynamic.float())).view(len(dynamic) * self.slots, 2)
 
-    def moved(self, glyphs, dynamic, order=None):
+    def moved(self, glyphs, dynamic, order=None, whole_pixels: bool = False):
         """(N K, C, H, W): each glyph (N K, C, g, g) moved to its centre: glyph k to z_t's place k,
-        or to place ``order[n, k]``."""
+        or to place ``order[n, k]``; with ``whole_pixels``, to the nearest whole pixel (``on_pixels``)."""
         centres = self.centres(dynamic)
+        if whole_pixels:
+            centres = self.on_pixels(centres)
         if order is not None:
             rows = torch.arange(len(dynamic), device=dynamic.device)[:, None]
             centres = centres.view(len(dynamic), self.slots, 2)[rows, order].flatten(0, 1)
         return self.placed(glyphs, centres)
+
+    def on_pixels(self, centres):
+        """Ours (``cfg.whole_pixels``): centres (M, 2) in [-1, 1] moved to where a glyph covers
+        whole pixels, as SM-MNIST draws its digits; between them the bilinear move blurs a glyph
+        (half a pixel off: the judge's pairs 91.4 -> 66.4%; bench/RESULTS.md, twenty-fourth
+        session). The gradient passes as if unmoved (straight through)."""
+        size = self.frame[-1]                        # square frames; a glyph of an even side: whole pixels
+        snapped = torch.round((centres + 1) / 2 * size) / size * 2 - 1
+        return centres + (snapped - centres).detach()
 
     def placed(self, glyphs, centres):
         """(M, C, H, W): glyphs (M, C, g, g) moved onto the frame with their centres at ``centres``
@@ -1223,7 +1240,8 @@ SCALES = {
     # seeds), and, ours, the motion view as a fixed target of I(z;x), without gradient (19% more steps in the
     # same minutes, the same digit pairs at 15 minutes: 62.0 against 61.9%), and, ours, inference that refines
     # the posterior means by 30 gradient steps on the ELBO (the hour's digit pairs 86.8 / 85.6% against 73.5 /
-    # 72.6%, two seeds; chosen on the validation split). The epochs only cap a
+    # 72.6%, two seeds; chosen on the validation split), and, ours, the glyphs drawn at whole pixels by
+    # decode (the data's digits sit there; the prior's draws between blur them: 91.4 against 86.3%). The epochs only cap a
     # --time-budget run (for Sprites 300: at 100, DSVAE's cheaper step reached the cap after 46
     # of 60 minutes). MUG and your own videos follow Sprites without the mirror, the critics,
     # alpha 1 on KL_z and the cool-down, with beta 10 (untested on MUG: it is licensed and absent here).
@@ -1233,7 +1251,8 @@ SCALES = {
             "mug": CPU_VIDEO_WITHOUT_FLIP,
             "frames": CPU_VIDEO_WITHOUT_FLIP,
             "sm-mnist": dict(likelihood="bernoulli", batch_size=32, alpha=0.1, epochs=200, glyphs=2, static_dim=64,
-                             lr_schedule="cosine", decay_fraction=0.3, motion_grad=False, refine_steps=30)},
+                             lr_schedule="cosine", decay_fraction=0.3, motion_grad=False, refine_steps=30,
+                             whole_pixels=True)},
 }
 
 
@@ -2328,6 +2347,8 @@ def check_config(cfg: Config) -> None:
                         "and a positive step size")
     if not 0.0 < cfg.decay_fraction <= 1.0:
         raise UserError(f"--decay-fraction must be in (0, 1], got {cfg.decay_fraction}")
+    if cfg.whole_pixels and not cfg.glyphs:
+        raise UserError("--whole-pixels places glyphs; expected --glyphs K with it")
     if cfg.explain_away and cfg.glyphs < 2:
         raise UserError(f"--explain-away shows each glyph the other glyphs; expected --glyphs 2 or more with it, got {cfg.glyphs}")
     if cfg.glyphs:
@@ -2671,6 +2692,7 @@ def train_command(
     explain_away: Optional[bool] = typer.Option(None, help="Ours, with --glyphs: q(s|x, z) reads each glyph's glimpses beside the other glyphs as a first reading draws them, so where glyphs overlap it is shown whose strokes are whose (default: the preset's)."),
     refine_steps: Optional[int] = typer.Option(None, help="Ours, inference only (training is unchanged): the steps by which encode, eval, swap and the rest refine the posterior means on the ELBO, stored in the checkpoint (default: the preset's)."),
     refine_lr: Optional[float] = typer.Option(None, help="The step size of that refinement (Adam; default: the preset's, else 0.1)."),
+    whole_pixels: Optional[bool] = typer.Option(None, "--whole-pixels/--no-whole-pixels", help="Ours, with --glyphs: the frames the model draws (generations, swaps, reconstructions) have each glyph at the nearest whole pixel, as the data's digits are; the ELBO is unchanged (default: the preset's)."),
     frame_size: Optional[int] = typer.Option(None, help="Frame height/width for generated datasets."),
     seed: int = typer.Option(0),
     device: str = typer.Option(default_device(), help="cpu, cuda or cuda:N."),
@@ -2708,7 +2730,7 @@ def train_command(
                 raise UserError(f"--{name.replace('_', '-')} must be {'non-negative' if zero_allowed else 'positive'}, got {value}")
         choices = {k: v for k, v in dict(likelihood=likelihood, lr_schedule=lr_schedule, fresh_data=fresh_data,
                                          mi_rollout=mi_rollout, content_flip=content_flip, motion_grad=motion_grad,
-                                         explain_away=explain_away).items() if v is not None}
+                                         explain_away=explain_away, whole_pixels=whole_pixels).items() if v is not None}
         cfg = Config(**{**preset(dataset.name, scale), **overrides, **choices}, frame_shape=dataset.frame_shape,
                      frames=dataset.train.sequences.shape[1], mi=mi, content_aug=content_aug,
                      motion_aug=motion_aug, seed=seed)

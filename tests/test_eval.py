@@ -27,7 +27,7 @@ def evaluate_toy(monkeypatch, judge, videos, labels, encode, decode, static_dim,
     class Model(torch.nn.Module):
         cfg = cdsvae.Config(frame_shape=(1, 16, 16))
 
-        def encode(self, x, sample=False, generator=None):     # the means, as evaluate asks for
+        def encode(self, x, sample=False, generator=None, refine_steps=None):   # the means, as evaluate asks
             means = encode(x)
             return SimpleNamespace(static=means.static_mean, dynamic=means.dynamic_mean)
 

@@ -232,6 +232,35 @@ def test_the_glimpse_at_a_glyphs_centre_is_the_glyph_it_placed_there():
     torch.testing.assert_close(seen[:, 0], glyphs.view(3, 2, 1, 16, 16)[:, 0], atol=1e-5, rtol=0)
 
 
+def test_whole_pixels_draw_each_glyph_at_the_nearest_whole_pixel_and_leave_the_elbo():
+    """``whole_pixels`` (ours): ``decode`` moves each glyph's centre to the nearest whole pixel (a
+    glyph of 16 px then covers whole pixels of the 32 px frame), the gradient passing straight
+    through; the ELBO (training, ``refine``) draws where z_t says, as without it."""
+    torch.manual_seed(0)
+    model = cdsvae.CDSVAE(glyph_config(whole_pixels=True)).eval()
+    plain = cdsvae.CDSVAE(glyph_config()).eval()
+    plain.load_state_dict(model.state_dict())
+    decoder = model.frame_decoder
+    static = torch.randn(3, model.cfg.static_dim)
+    dynamic = torch.randn(3, 4, model.cfg.dynamic_dim, requires_grad=True)
+    with torch.no_grad():
+        pixels = (decoder.centres(dynamic.flatten(0, 1)) + 1) * 16                 # (3 4 2, 2) in pixels
+        assert (pixels - pixels.round()).abs().max() > 0.1                          # not on the grid by chance
+        glyphs = decoder.drawn(static).view(3, 1, 2, 1, 16, 16).expand(3, 4, 2, 1, 16, 16).flatten(0, 2)
+        expected = torch.sigmoid(decoder.union(decoder.placed(glyphs, pixels.round() / 16 - 1))).view(3, 4, 1, 32, 32)
+        torch.testing.assert_close(model.decode(static, dynamic), expected, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(plain.decode(static, dynamic), expected, atol=1e-3)
+        x = torch.rand(3, 4, 1, 32, 32)
+        encoding = model.encode(x)
+        assert model.elbo_terms(x, encoding)["recon"] == plain.elbo_terms(x, encoding)["recon"]
+    snapped = decoder.on_pixels(decoder.centres(dynamic.flatten(0, 1)))
+    gradient, = torch.autograd.grad(snapped.sum(), dynamic)                         # straight through
+    unmoved, = torch.autograd.grad(decoder.centres(dynamic.flatten(0, 1)).sum(), dynamic)
+    torch.testing.assert_close(gradient, unmoved)
+    with pytest.raises(cdsvae.UserError, match="--whole-pixels places glyphs; expected --glyphs K"):
+        cdsvae.check_config(small_config(whole_pixels=True))
+
+
 def test_the_sampling_grid_is_affine_grids_and_so_are_its_gradients():
     """``scaled_and_shifted`` builds the grid by broadcasting; ``F.affine_grid`` with the matrix
     [[scale, 0, shift_x], [0, scale, shift_y]] is the reference, for a non-square output too."""
