@@ -65,7 +65,9 @@ Where the paper, the released code and this file differ (so that no reader has t
                                                                              q(s|x_1:T, z_1:T) reads them at
                                                                              those places, each frame's
                                                                              glyphs matched to the places
-                                                                             by what they show (SM-MNIST)
+                                                                             by what they show (SM-MNIST);
+                                                                             --whole-pixels (ours): decode
+                                                                             draws them at whole pixels
     inference           the encoder's output      the same                   the same; --refine-steps N (ours;
                                                                              --scale cpu for SM-MNIST) moves
                                                                              the posterior means N gradient
