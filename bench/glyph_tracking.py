@@ -145,13 +145,18 @@ def glyphs_along(model: cdsvae.CDSVAE, static: torch.Tensor, paths: np.ndarray) 
     return frames.view(N, T, *model.cfg.frame_shape)
 
 
+def place_pixels(model: cdsvae.CDSVAE, dynamic: torch.Tensor) -> torch.Tensor:
+    """(B, T, K, 2): the centres of z_t's K places for z (B, T, Dz), in pixels (x then y)."""
+    B, T = dynamic.shape[:2]
+    centres = model.frame_decoder.centres(dynamic.flatten(0, 1))
+    return ((centres + 1) / 2 * model.cfg.frame_shape[-1]).view(B, T, model.cfg.glyphs, 2)
+
+
 @torch.no_grad()
 def prior_paths(model: cdsvae.CDSVAE, count: int, frames: int, seed: int = 0) -> np.ndarray:
     """(count, frames, K, 2): z_1:T drawn from the prior, as the centres of its K places in pixels."""
     generator = torch.Generator().manual_seed(seed)
-    dynamic = cdsvae.sample_dynamic(model, count, frames, generator=generator)
-    centres = model.frame_decoder.centres(dynamic.flatten(0, 1))
-    return ((centres + 1) / 2 * model.cfg.frame_shape[-1]).view(count, frames, model.cfg.glyphs, 2).numpy()
+    return place_pixels(model, cdsvae.sample_dynamic(model, count, frames, generator=generator)).numpy()
 
 
 OVERLAP_BINS = ("none", "(0, 0.2)", "[0.2, 0.5)", "[0.5, 1]")   # the share of a sequence's frames
@@ -178,13 +183,11 @@ def glyph_centres(model: cdsvae.CDSVAE, videos: np.ndarray, judge=None, labels=N
     model.eval()
     apart = model.cfg.glyphs == len(APART)
     centres, matched, heads, heads_apart, statics = [], [], [], [], []
-    size = model.cfg.frame_shape[-1]
     for start in range(0, len(videos), batch):
         x = cdsvae.to_frames(videos[start:start + batch], "cpu")
         encoding = model.encode(x)
-        B, T = x.shape[:2]
-        centre = model.frame_decoder.centres(encoding.dynamic_mean.flatten(0, 1))
-        places = ((centre + 1) / 2 * size).view(B, T, model.cfg.glyphs, 2)
+        T = x.shape[1]
+        places = place_pixels(model, encoding.dynamic_mean)
         centres.append(places.numpy())
         statics.append(encoding.static_mean)
         matched.append(torch.gather(places, 2, encoding.glyph_order[..., None].expand(-1, -1, -1, 2)).numpy())
