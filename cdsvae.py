@@ -129,6 +129,10 @@ class Config:
     mi_rollout: str = "sampled"       # I(z;x) compares posterior means along "sampled" or "mean" rollouts
     content_aug: bool = True          # off: I(s;x) by MWS instead of contrastive
     content_flip: bool = False        # ours, not the paper's: the content view is also mirrored
+    content_half: bool = False        # ours, not the paper's: the content view is the shuffled or reversed video's
+                                      # first half (with glyphs: then its s is no longer x's own)
+    glyph_contrast: bool = False      # ours, with glyphs: I(s;x)'s InfoNCE compares each glyph's part of s
+                                      # with every glyph's part in the batch (the other glyphs are negatives)
     glyphs: int = 0                   # ours, not the paper's: K > 0: s draws K glyphs that z_t places
                                       # (GlyphDecoder) and q(s|x, z) reads them there (GlimpseStaticPosterior)
     explain_away: bool = False        # ours, with glyphs: q(s|x, z) reads each glyph's glimpses beside the
@@ -557,6 +561,7 @@ class Encoding(NamedTuple):
     dynamic_mean: torch.Tensor
     dynamic_logvar: torch.Tensor
     glyph_order: Optional[torch.Tensor] = None   # (B, T, K) with glyphs: the place of z_t that glyph k takes
+    glyph_reads: Optional[torch.Tensor] = None   # (B, T, K, W) with glyphs: what q(s|x, z) averages over time
 
     def gaussians(self, convert) -> "Encoding":
         """The encoding with ``convert`` applied to its six Gaussian tensors (the glyph order kept)."""
@@ -671,7 +676,7 @@ class CDSVAE(nn.Module):
         posterior = self.sample_posterior(x, views.features)  # q(s|x), q(z_t|z_<t, x_<=t), eq. (2)
         terms = self.elbo_terms(x, posterior)                 # recon, KL_s, KL_z
         batch = global_batch(posterior)                       # what the MI estimates see
-        terms["mi_sx"] = self.mi_static_data(views, batch)    # I(s;x), eq. (7-8)
+        terms["mi_sx"] = self.mi_static_data(views, batch, posterior.glyph_reads)   # I(s;x), eq. (7-8)
         terms["mi_zx"] = self.mi_dynamic_data(views, batch)   # I(z;x), eq. (7-8)
         terms["mi_zs"] = mws_mi_zs(batch.static, batch.static_mean, batch.static_logvar, batch.dynamic,
                                    batch.dynamic_mean, batch.dynamic_logvar, self.cfg.dataset_size)  # I(z;s)
@@ -747,7 +752,8 @@ class CDSVAE(nn.Module):
         inputs, glyph_order = self.static_inputs(x, features, dynamic)
         static_mean, static_logvar = self.static_posterior(inputs)
         static = reparameterize(static_mean, static_logvar, static_eps)
-        return Encoding(static, dynamic, static_mean, static_logvar, dynamic_mean, dynamic_logvar, glyph_order)
+        return Encoding(static, dynamic, static_mean, static_logvar, dynamic_mean, dynamic_logvar, glyph_order,
+                        inputs if self.cfg.glyphs else None)
 
     def static_inputs(self, x, features, dynamic):
         """What q(s|.) reads at every frame, and the glyph order: the frame features (B, T, F) and
@@ -791,23 +797,35 @@ class CDSVAE(nn.Module):
             "kl_z": gaussian_kl(q.dynamic_mean, q.dynamic_logvar, prior_mean, prior_logvar).sum() / B,
         }
 
-    def mi_static_data(self, views: "Views", batch: Encoding) -> torch.Tensor:
+    def mi_static_data(self, views: "Views", batch: Encoding, glyph_reads=None) -> torch.Tensor:
         """I(s;x): InfoNCE between q(s|x)'s mean and that of the content view (frames shuffled),
         eq. (7-8); without the content augmentation (or contrastive MI), the MWS estimate.
         Frames are encoded one by one, so permuting x's frame features *is* the encoding of the
-        shuffled video: only the sequence model runs again. With ``cfg.glyphs``, q(s|x, z) is a
-        mean over the frames, each read at its own z_t's places: the shuffled video's s is x's own,
-        and the estimate only pushes different videos' s apart."""
+        shuffled video: only the sequence model runs again. With ``cfg.content_half`` (ours) the
+        view is the shuffled video's first half. With ``cfg.glyphs``, q(s|x, z) is a mean over the
+        frames, each read at its own z_t's places (``glyph_reads``, this process's batch): the
+        shuffled video's s is x's own, and the estimate only pushes different videos' s apart;
+        half the frames' reads give another s. With ``cfg.glyph_contrast`` (ours) the InfoNCE
+        compares glyph by glyph: the B K parts of s, each glyph's positive its own part of the
+        view's s."""
         cfg = self.cfg
         if not (cfg.mi == "contrastive" and cfg.content_aug):
             return mws_mi_x(batch.static, batch.static_mean, batch.static_logvar, cfg.dataset_size)
-        if cfg.glyphs:
-            return infonce_mi(batch.static_mean, batch.static_mean, cfg.tau)
-        B, T = views.features.shape[:2]
-        order = content_order(B, T, device=views.features.device)
-        content = torch.gather(views.content_source, 1, order.unsqueeze(-1).expand_as(views.features))
-        content_mean = self.static_posterior(content)[0].float()
-        return infonce_mi(batch.static_mean, gather_batch(content_mean), cfg.tau)
+        if cfg.glyphs and not cfg.content_half:
+            content_mean = batch.static_mean
+        else:
+            source = glyph_reads if cfg.glyphs else views.content_source
+            B, T = source.shape[:2]
+            order = content_order(B, T, device=source.device)
+            if cfg.content_half:
+                order = order[:, :max(T // 2, 1)]
+            content = torch.gather(source, 1, order.view(B, -1, *[1] * (source.dim() - 2)).expand(
+                -1, -1, *source.shape[2:]))
+            content_mean = gather_batch(self.static_posterior(content)[0].float())
+        if cfg.glyph_contrast:
+            parts = lambda static: static.reshape(-1, cfg.static_dim // cfg.glyphs)   # noqa: E731
+            return infonce_mi(parts(batch.static_mean), parts(content_mean), cfg.tau)
+        return infonce_mi(batch.static_mean, content_mean, cfg.tau)
 
     def mi_dynamic_data(self, views: "Views", batch: Encoding) -> torch.Tensor:
         """I(z;x): InfoNCE between the posterior-mean trajectories of x and of its motion view,
@@ -1978,7 +1996,7 @@ def infonce_mi(anchor: torch.Tensor, positive: torch.Tensor, tau: float) -> torc
 def global_batch(posterior: Encoding) -> Encoding:
     """The posterior in fp32 over the global batch the MI estimates see: under DDP every
     rank's (with gradients, ``gather_batch``); in one process the batch itself."""
-    return posterior.gaussians(lambda v: gather_batch(v.float()))._replace(glyph_order=None)   # not read there
+    return posterior.gaussians(lambda v: gather_batch(v.float()))._replace(glyph_order=None, glyph_reads=None)   # not read there
 
 
 def _distributed(device: torch.device):
@@ -2351,6 +2369,8 @@ def check_config(cfg: Config) -> None:
         raise UserError(f"--decay-fraction must be in (0, 1], got {cfg.decay_fraction}")
     if cfg.whole_pixels and not cfg.glyphs:
         raise UserError("--whole-pixels places glyphs; expected --glyphs K with it")
+    if cfg.glyph_contrast and not cfg.glyphs:
+        raise UserError("--glyph-contrast compares glyphs; expected --glyphs K with it")
     if cfg.explain_away and cfg.glyphs < 2:
         raise UserError(f"--explain-away shows each glyph the other glyphs; expected --glyphs 2 or more with it, got {cfg.glyphs}")
     if cfg.glyphs:
@@ -2694,6 +2714,8 @@ def train_command(
     explain_away: Optional[bool] = typer.Option(None, help="Ours, with --glyphs: q(s|x, z) reads each glyph's glimpses beside the other glyphs as a first reading draws them, so where glyphs overlap it is shown whose strokes are whose (default: the preset's)."),
     refine_steps: Optional[int] = typer.Option(None, help="Ours, inference only (training is unchanged): the steps by which encode, eval, swap and the rest refine the posterior means on the ELBO, stored in the checkpoint (default: the preset's)."),
     refine_lr: Optional[float] = typer.Option(None, help="The step size of that refinement (Adam; default: the preset's, else 0.1)."),
+    content_half: Optional[bool] = typer.Option(None, "--content-half/--no-content-half", help="Ours, not the paper's: the content view of I(s;x) is the shuffled or reversed video's first half (with --glyphs the shuffled video's s is x's own, half the frames give another; default: the preset's)."),
+    glyph_contrast: Optional[bool] = typer.Option(None, "--glyph-contrast/--no-glyph-contrast", help="Ours, with --glyphs: I(s;x)'s InfoNCE compares each glyph's part of s with every glyph's part in the batch (default: the preset's)."),
     whole_pixels: Optional[bool] = typer.Option(None, "--whole-pixels/--no-whole-pixels", help="Ours, with --glyphs: the frames the model draws (generations, swaps, reconstructions) have each glyph at the nearest whole pixel, as the data's digits are; the ELBO is unchanged (default: the preset's)."),
     frame_size: Optional[int] = typer.Option(None, help="Frame height/width for generated datasets."),
     seed: int = typer.Option(0),
@@ -2732,7 +2754,8 @@ def train_command(
                 raise UserError(f"--{name.replace('_', '-')} must be {'non-negative' if zero_allowed else 'positive'}, got {value}")
         choices = {k: v for k, v in dict(likelihood=likelihood, lr_schedule=lr_schedule, fresh_data=fresh_data,
                                          mi_rollout=mi_rollout, content_flip=content_flip, motion_grad=motion_grad,
-                                         explain_away=explain_away, whole_pixels=whole_pixels).items() if v is not None}
+                                         explain_away=explain_away, whole_pixels=whole_pixels,
+                                         content_half=content_half, glyph_contrast=glyph_contrast).items() if v is not None}
         cfg = Config(**{**preset(dataset.name, scale), **overrides, **choices}, frame_shape=dataset.frame_shape,
                      frames=dataset.train.sequences.shape[1], mi=mi, content_aug=content_aug,
                      motion_aug=motion_aug, seed=seed)

@@ -524,20 +524,26 @@ def test_pair_critic_trains_on_detached_samples_its_estimate_only_the_encoders_a
     assert "pair_critic.net.0.weight" not in small_model(club=1.0).state_dict()   # off: the model as before
 
 
-def test_glyph_terms_equal_a_direct_computation(monkeypatch):
+@pytest.mark.parametrize("content_half, glyph_contrast", [(False, False), (True, False), (True, True)])
+def test_glyph_terms_equal_a_direct_computation(monkeypatch, content_half, glyph_contrast):
     """With --glyphs 2 (ours): q(s | x, z) read from the glimpses at z_t's centres, each cut
     with its own affine grid, the two places of every frame matched to the glyphs by the cosine
     of their codes to the mean of the frames before (then of all); the frames the union of the
-    glyphs drawn at their matched places; the Bernoulli reconstruction, KL_s and I(s;x) (the
-    shuffled video's s is x's own) written out per frame."""
+    glyphs drawn at their matched places; the Bernoulli reconstruction, KL_s and I(s;x) written out
+    per frame: the shuffled video's s is x's own; with content_half (ours) the content view's s is
+    the mean of the glyphs' codes over the shuffled video's first half; with glyph_contrast (ours)
+    the InfoNCE rows are the glyphs' parts of s."""
     torch.manual_seed(0)
-    model = small_model(frame_shape=(1, 32, 32), glyphs=2, likelihood="bernoulli").eval()
+    model = small_model(frame_shape=(1, 32, 32), glyphs=2, likelihood="bernoulli", content_half=content_half,
+                        glyph_contrast=glyph_contrast).eval()
     batch, steps = 3, 4
     x, view = (torch.rand(batch, steps, 1, 32, 32) > 0.7).float(), torch.rand(batch, steps, 1, 32, 32)
     noise = [torch.randn(batch, 6), torch.randn(batch, steps, 3), torch.randn(batch, steps, 3)]
     handed_out = iter(noise)
+    content = torch.stack([torch.randperm(steps) for _ in range(batch)])
     monkeypatch.setattr(cdsvae.CDSVAE, "noise", staticmethod(lambda shape, like: next(handed_out)))
     monkeypatch.setattr(cdsvae, "motion_augment", lambda frames: view)
+    monkeypatch.setattr(cdsvae, "content_order", lambda b, t, device=None, generator=None: content)
     _, terms = model(x)
     decoder, posterior = model.frame_decoder, model.static_posterior
     with torch.no_grad():
@@ -559,7 +565,7 @@ def test_glyph_terms_equal_a_direct_computation(monkeypatch):
             kept = cosine(seen[0], reference[0]) + cosine(seen[1], reference[1])
             return (0, 1) if kept >= cosine(seen[1], reference[0]) + cosine(seen[0], reference[1]) else (1, 0)
 
-        means, logvars, orders = [], [], []
+        means, logvars, orders, half_means = [], [], [], []
         for b in range(batch):
             seen = [[posterior.encoder(window(x[b, t], centre(dynamic[b, t], place), 0.5, 16)[None])[0]
                      for place in range(2)] for t in range(steps)]
@@ -571,6 +577,9 @@ def test_glyph_terms_equal_a_direct_computation(monkeypatch):
             parts = [torch.stack([seen[t][orders[b][t][k]] for t in range(steps)]).mean(0) for k in range(2)]
             mean, logvar = zip(*(posterior.head(part).chunk(2) for part in parts))
             means.append(torch.cat(mean)), logvars.append(torch.cat(logvar))
+            halves = [torch.stack([seen[t][orders[b][t][k]] for t in content[b, :steps // 2].tolist()]).mean(0)
+                      for k in range(2)]
+            half_means.append(torch.cat([posterior.head(half).chunk(2)[0] for half in halves]))
         assert (1, 0) in sum(orders, []) and (0, 1) in sum(orders, [])     # both orders are taken here
         static_mean, static_logvar = torch.stack(means), torch.stack(logvars)
         static = static_mean + torch.exp(0.5 * static_logvar) * noise[0]
@@ -588,6 +597,11 @@ def test_glyph_terms_equal_a_direct_computation(monkeypatch):
     direct = {"recon": recon / batch,
               "kl_s": float(kl_divergence(Normal(static_mean, torch.exp(0.5 * static_logvar)), Normal(0.0, 1.0)).sum()) / batch,
               "mi_sx": explicit_contrastive(static_mean, static_mean, model.cfg.tau)}
+    if content_half:
+        half_mean = torch.stack(half_means)
+        direct["mi_sx"] = (explicit_contrastive(static_mean.reshape(2 * batch, 3), half_mean.reshape(2 * batch, 3),
+                                                model.cfg.tau) if glyph_contrast else
+                           explicit_contrastive(static_mean, half_mean, model.cfg.tau))
     for name, value in direct.items():
         assert terms[name].item() == pytest.approx(value, rel=1e-4, abs=1e-4), name
 

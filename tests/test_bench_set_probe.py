@@ -1,0 +1,49 @@
+"""bench/set_probe.py: the order-free pair read part by part, against direct enumeration."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+
+def test_pair_log_probs_sum_both_assignments_of_the_two_parts(load_bench):
+    bench = load_bench("set_probe")
+    logits = torch.randn(3, 2, 4, generator=torch.Generator().manual_seed(0))
+    p = torch.softmax(logits.double(), -1)
+    got = bench.pair_log_probs(logits)
+    for n in range(3):
+        for i in range(4):
+            for j in range(4):
+                if i < j:
+                    expected = math.log(p[n, 0, i] * p[n, 1, j] + p[n, 0, j] * p[n, 1, i])
+                elif i == j:
+                    expected = math.log(p[n, 0, i] * p[n, 1, i])
+                else:
+                    assert got[n, i, j] == float("-inf")
+                    continue
+                assert float(got[n, i, j]) == pytest.approx(expected, rel=1e-5)
+        assert float(got[n].exp().sum()) == pytest.approx(1.0, rel=1e-6)
+
+
+def pairs_in_parts(count, informative, seed):
+    """s of two 8-number parts, each a noisy code of one digit, the two parts in random order;
+    ``informative`` False: the parts are noise."""
+    generator = np.random.default_rng(seed)
+    codes = np.random.default_rng(99).normal(size=(10, 8))        # one code per digit, shared by the splits
+    digits = generator.integers(0, 10, size=(count, 2))
+    parts = codes[digits] + 0.3 * generator.normal(size=(count, 2, 8))
+    if not informative:
+        parts = generator.normal(size=(count, 2, 8))
+    return parts.reshape(count, 16).astype(np.float32), digits.min(1), digits.max(1)
+
+
+def test_set_probe_reads_digits_from_parts_in_any_order_and_not_from_noise(load_bench):
+    bench = load_bench("set_probe")
+    for informative in (True, False):
+        train, test = pairs_in_parts(2000, informative, 0), pairs_in_parts(500, informative, 1)
+        result = bench.set_probe_accuracy(train[0], train[1], train[2], test[0], test[1], test[2])
+        chance = max(np.bincount(test[1]).max(), np.bincount(test[2]).max()) / 500
+        if informative:
+            assert result["digit_low"] > 0.95 and result["digit_high"] > 0.95 and result["both"] > 0.9
+        else:
+            assert result["s_static"] < chance + 0.1
