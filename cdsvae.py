@@ -405,8 +405,9 @@ class GlimpseStaticPosterior(nn.Module):
     which place shows which glyph, by what the glimpses show, and the decoder draws each glyph at
     its matched place (``Encoding.glyph_order``; nineteenth session). The mean over time is
     order-free: the content view (frames shuffled) has the same s, and I(s;x)'s InfoNCE only
-    pushes different videos' s apart. With ``cfg.explain_away`` each glimpse comes with a second
-    image, the other glyphs as seen through the same window (``CDSVAE.static_inputs``)."""
+    pushes different videos' s apart (``cfg.content_half``: half the frames give another s). With
+    ``cfg.explain_away`` each glimpse comes with a second image, the other glyphs as seen through
+    the same window (``CDSVAE.static_inputs``)."""
 
     def __init__(self, cfg: Config, width: int = 128):
         super().__init__()
@@ -1996,7 +1997,8 @@ def infonce_mi(anchor: torch.Tensor, positive: torch.Tensor, tau: float) -> torc
 def global_batch(posterior: Encoding) -> Encoding:
     """The posterior in fp32 over the global batch the MI estimates see: under DDP every
     rank's (with gradients, ``gather_batch``); in one process the batch itself."""
-    return posterior.gaussians(lambda v: gather_batch(v.float()))._replace(glyph_order=None, glyph_reads=None)   # not read there
+    gathered = posterior.gaussians(lambda v: gather_batch(v.float()))
+    return gathered._replace(glyph_order=None, glyph_reads=None)   # not read there
 
 
 def _distributed(device: torch.device):

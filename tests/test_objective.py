@@ -396,6 +396,27 @@ def test_content_flip_takes_i_s_x_against_the_shuffled_mirrored_video(monkeypatc
     assert unflipped["mi_sx"].item() != pytest.approx(direct, rel=1e-3)
 
 
+def test_content_half_takes_i_s_x_against_the_shuffled_video_s_first_half(monkeypatch):
+    """content_half (ours): the content view of I(s;x) is the first half of the shuffled video."""
+    torch.manual_seed(0)
+    model = small_model(content_half=True)
+    batch, steps = 4, 5
+    x, view = torch.rand(batch, steps, 3, 16, 16), torch.rand(batch, steps, 3, 16, 16)
+    order = torch.stack([torch.randperm(steps) for _ in range(batch)])
+    monkeypatch.setattr(cdsvae, "content_order", lambda b, t, device=None, generator=None: order)
+    monkeypatch.setattr(cdsvae, "motion_augment", lambda frames: view)
+    _, terms = model(x)
+    with torch.no_grad():
+        features = model.encode_frames(torch.cat([x, view]))[:batch]       # one pass, as BatchNorm saw it
+        half = torch.stack([features[b, order[b, :2]] for b in range(batch)])   # 5 // 2 frames
+        direct = explicit_contrastive(model.static_posterior(features)[0], model.static_posterior(half)[0],
+                                      model.cfg.tau)
+    assert terms["mi_sx"].item() == pytest.approx(direct, rel=1e-4)
+    model.cfg.content_half = False
+    _, whole = model(x)
+    assert whole["mi_sx"].item() != pytest.approx(direct, rel=1e-3)
+
+
 def test_club_estimate_equals_the_direct_mean_of_gaussian_log_likelihoods():
     generator = torch.Generator().manual_seed(0)
     static, mean = torch.randn(5, 3, generator=generator), torch.randn(5, 3, generator=generator)
