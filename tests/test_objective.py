@@ -375,10 +375,12 @@ def test_objective_stays_fp32_under_bf16_autocast(glyphs):
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
-def test_content_flip_takes_i_s_x_against_the_shuffled_mirrored_video(monkeypatch):
-    """content_flip (ours): the content view of I(s;x) is x shuffled and mirrored left-right."""
+@pytest.mark.parametrize("setting", ["content_flip", "content_half"])
+def test_content_view_variants_take_i_s_x_against_their_view(monkeypatch, setting):
+    """Ours: with content_flip the content view of I(s;x) is x shuffled and mirrored left-right;
+    with content_half it is the first half of the shuffled video."""
     torch.manual_seed(0)
-    model = small_model(content_flip=True)
+    model = small_model(**{setting: True})
     batch, steps = 4, 5
     x, view = torch.rand(batch, steps, 3, 16, 16), torch.rand(batch, steps, 3, 16, 16)
     order = torch.stack([torch.randperm(steps) for _ in range(batch)])
@@ -386,35 +388,17 @@ def test_content_flip_takes_i_s_x_against_the_shuffled_mirrored_video(monkeypatc
     monkeypatch.setattr(cdsvae, "motion_augment", lambda frames: view)
     _, terms = model(x)
     with torch.no_grad():
-        features = model.encode_frames(torch.cat([x, view, x.flip(-1)]))     # one pass, as BatchNorm saw it
-        shuffled_mirrored = torch.stack([features[2 * batch + b, order[b]] for b in range(batch)])
+        mirrored = [x.flip(-1)] if setting == "content_flip" else []
+        features = model.encode_frames(torch.cat([x, view, *mirrored]))     # one pass, as BatchNorm saw it
+        source = features[2 * batch:] if mirrored else features[:batch]
+        kept = order if mirrored else order[:, :steps // 2]
+        content = torch.stack([source[b, kept[b]] for b in range(batch)])
         direct = explicit_contrastive(model.static_posterior(features[:batch])[0],
-                                      model.static_posterior(shuffled_mirrored)[0], model.cfg.tau)
+                                      model.static_posterior(content)[0], model.cfg.tau)
     assert terms["mi_sx"].item() == pytest.approx(direct, rel=1e-4)
-    model.cfg.content_flip = False
-    _, unflipped = model(x)
-    assert unflipped["mi_sx"].item() != pytest.approx(direct, rel=1e-3)
-
-
-def test_content_half_takes_i_s_x_against_the_shuffled_video_s_first_half(monkeypatch):
-    """content_half (ours): the content view of I(s;x) is the first half of the shuffled video."""
-    torch.manual_seed(0)
-    model = small_model(content_half=True)
-    batch, steps = 4, 5
-    x, view = torch.rand(batch, steps, 3, 16, 16), torch.rand(batch, steps, 3, 16, 16)
-    order = torch.stack([torch.randperm(steps) for _ in range(batch)])
-    monkeypatch.setattr(cdsvae, "content_order", lambda b, t, device=None, generator=None: order)
-    monkeypatch.setattr(cdsvae, "motion_augment", lambda frames: view)
-    _, terms = model(x)
-    with torch.no_grad():
-        features = model.encode_frames(torch.cat([x, view]))[:batch]       # one pass, as BatchNorm saw it
-        half = torch.stack([features[b, order[b, :2]] for b in range(batch)])   # 5 // 2 frames
-        direct = explicit_contrastive(model.static_posterior(features)[0], model.static_posterior(half)[0],
-                                      model.cfg.tau)
-    assert terms["mi_sx"].item() == pytest.approx(direct, rel=1e-4)
-    model.cfg.content_half = False
-    _, whole = model(x)
-    assert whole["mi_sx"].item() != pytest.approx(direct, rel=1e-3)
+    setattr(model.cfg, setting, False)
+    _, plain = model(x)
+    assert plain["mi_sx"].item() != pytest.approx(direct, rel=1e-3)
 
 
 def test_club_estimate_equals_the_direct_mean_of_gaussian_log_likelihoods():
