@@ -133,6 +133,8 @@ class Config:
                                       # first half (with glyphs: then its s is no longer x's own)
     glyph_contrast: bool = False      # ours, with glyphs: I(s;x)'s InfoNCE compares each glyph's part of s
                                       # with every glyph's part in the batch (the other glyphs are negatives)
+    glyph_distort: float = 0.0        # ours, with glyphs: > 0: I(s;x)'s content view reads each glyph's glimpses
+                                      # turned, scaled and sheared (glyph_distortions, ranges times this)
     glyphs: int = 0                   # ours, not the paper's: K > 0: s draws K glyphs that z_t places
                                       # (GlyphDecoder) and q(s|x, z) reads them there (GlimpseStaticPosterior)
     explain_away: bool = False        # ours, with glyphs: q(s|x, z) reads each glyph's glimpses beside the
@@ -295,6 +297,26 @@ def content_order(batch: int, frames: int, device=None, generator=None) -> torch
     reversed_order = torch.arange(frames - 1, -1, -1, device=device).expand(batch, frames)
     reverse = torch.rand(batch, 1, generator=generator, device=device) < 0.5
     return torch.where(reverse, reversed_order, shuffled)
+
+
+def glyph_distortions(count: int, strength: float, device=None, generator=None) -> torch.Tensor:
+    """Ours (``cfg.glyph_distort``): ``count`` random affine maps (count, 2, 3), as ``affine_grid``
+    takes them, that change a glyph's handwriting and keep the digit: turned by up to 15 degrees,
+    scaled by up to 10% and sheared by up to 0.15, each range times ``strength``; no shift."""
+    def uniform(bound):
+        return bound * strength * (2 * torch.rand(count, generator=generator, device=device) - 1)
+
+    angle, scale, shear = uniform(math.pi / 12), 1 + uniform(0.1), uniform(0.15)
+    cos, sin, zeros = scale * torch.cos(angle), scale * torch.sin(angle), torch.zeros(count, device=device)
+    return torch.stack([torch.stack([cos, -sin + shear * cos, zeros], 1),
+                        torch.stack([sin, cos + shear * sin, zeros], 1)], 1)
+
+
+def distorted(images: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
+    """``images`` (N, C, h, w) resampled through ``affine`` (N, 2, 3): output point u reads the
+    input at affine @ [u, 1] (bilinear, zeros outside)."""
+    grid = F.affine_grid(affine.to(images.dtype), list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, align_corners=False)
 
 
 class MotionParams(NamedTuple):
@@ -677,7 +699,8 @@ class CDSVAE(nn.Module):
         posterior = self.sample_posterior(x, views.features)  # q(s|x), q(z_t|z_<t, x_<=t), eq. (2)
         terms = self.elbo_terms(x, posterior)                 # recon, KL_s, KL_z
         batch = global_batch(posterior)                       # what the MI estimates see
-        terms["mi_sx"] = self.mi_static_data(views, batch, posterior.glyph_reads)   # I(s;x), eq. (7-8)
+        reads = self.distorted_reads(x, posterior) if self.distorts_glyphs else posterior.glyph_reads
+        terms["mi_sx"] = self.mi_static_data(views, batch, reads)   # I(s;x), eq. (7-8)
         terms["mi_zx"] = self.mi_dynamic_data(views, batch)   # I(z;x), eq. (7-8)
         terms["mi_zs"] = mws_mi_zs(batch.static, batch.static_mean, batch.static_logvar, batch.dynamic,
                                    batch.dynamic_mean, batch.dynamic_logvar, self.cfg.dataset_size)  # I(z;s)
@@ -798,6 +821,28 @@ class CDSVAE(nn.Module):
             "kl_z": gaussian_kl(q.dynamic_mean, q.dynamic_logvar, prior_mean, prior_logvar).sum() / B,
         }
 
+    @property
+    def distorts_glyphs(self) -> bool:
+        """Whether I(s;x)'s contrastive estimate reads distorted glyphs (ours, ``cfg.glyph_distort``)."""
+        cfg = self.cfg
+        return cfg.glyph_distort > 0 and cfg.mi == "contrastive" and cfg.content_aug
+
+    def distorted_reads(self, x, posterior: Encoding) -> torch.Tensor:
+        """Ours (``cfg.glyph_distort``): the codes (B, T, K, width) of each glyph's glimpses at its
+        matched place (``posterior.glyph_order``), every glyph of a video turned, scaled and sheared
+        by one random map (``glyph_distortions``) before the read: the same digit in other
+        handwriting, a content view whose s must still be x's. The places carry no gradient."""
+        B, T, K = *posterior.dynamic.shape[:2], self.cfg.glyphs
+        decoder = self.frame_decoder
+        with torch.no_grad():
+            centres = decoder.centres(posterior.dynamic.flatten(0, 1).detach()).view(B * T, K, 2)
+            rows = torch.arange(B * T, device=x.device)[:, None]
+            centres = centres[rows, posterior.glyph_order.flatten(0, 1)].flatten(0, 1)
+            glimpses = decoder.glimpses(x.flatten(0, 1), centres)                       # glyph k's at k
+            affine = glyph_distortions(B * K, self.cfg.glyph_distort, device=x.device).view(B, 1, K, 2, 3)
+            glimpses = distorted(glimpses, affine.expand(B, T, K, 2, 3).reshape(-1, 2, 3))
+        return self.static_posterior.read(glimpses).view(B, T, K, -1)
+
     def mi_static_data(self, views: "Views", batch: Encoding, glyph_reads=None) -> torch.Tensor:
         """I(s;x): InfoNCE between q(s|x)'s mean and that of the content view (frames shuffled),
         eq. (7-8); without the content augmentation (or contrastive MI), the MWS estimate.
@@ -806,13 +851,14 @@ class CDSVAE(nn.Module):
         view is the shuffled video's first half. With ``cfg.glyphs``, q(s|x, z) is a mean over the
         frames, each read at its own z_t's places (``glyph_reads``, this process's batch): the
         shuffled video's s is x's own, and the estimate only pushes different videos' s apart;
-        half the frames' reads give another s. With ``cfg.glyph_contrast`` (ours) the InfoNCE
+        half the frames' reads give another s, and so do reads of distorted glyphs (``cfg.glyph_distort``,
+        ours: ``distorted_reads`` hands them in). With ``cfg.glyph_contrast`` (ours) the InfoNCE
         compares glyph by glyph: the B K parts of s, each glyph's positive its own part of the
         view's s."""
         cfg = self.cfg
         if not (cfg.mi == "contrastive" and cfg.content_aug):
             return mws_mi_x(batch.static, batch.static_mean, batch.static_logvar, cfg.dataset_size)
-        if cfg.glyphs and not cfg.content_half:
+        if cfg.glyphs and not (cfg.content_half or cfg.glyph_distort):
             content_mean = batch.static_mean
         else:
             source = glyph_reads if cfg.glyphs else views.content_source
@@ -2373,6 +2419,9 @@ def check_config(cfg: Config) -> None:
         raise UserError("--whole-pixels places glyphs; expected --glyphs K with it")
     if cfg.glyph_contrast and not cfg.glyphs:
         raise UserError("--glyph-contrast compares glyphs; expected --glyphs K with it")
+    if cfg.glyph_distort < 0 or (cfg.glyph_distort and (not cfg.glyphs or cfg.explain_away)):
+        raise UserError(f"--glyph-distort {cfg.glyph_distort}: expected 0 or more, and above 0 only with "
+                        "--glyphs K and without --explain-away")
     if cfg.explain_away and cfg.glyphs < 2:
         raise UserError(f"--explain-away shows each glyph the other glyphs; expected --glyphs 2 or more with it, got {cfg.glyphs}")
     if cfg.glyphs:
@@ -2718,6 +2767,7 @@ def train_command(
     refine_lr: Optional[float] = typer.Option(None, help="The step size of that refinement (Adam; default: the preset's, else 0.1)."),
     content_half: Optional[bool] = typer.Option(None, "--content-half/--no-content-half", help="Ours, not the paper's: the content view of I(s;x) is the shuffled or reversed video's first half (with --glyphs the shuffled video's s is x's own, half the frames give another; default: the preset's)."),
     glyph_contrast: Optional[bool] = typer.Option(None, "--glyph-contrast/--no-glyph-contrast", help="Ours, with --glyphs: I(s;x)'s InfoNCE compares each glyph's part of s with every glyph's part in the batch (default: the preset's)."),
+    glyph_distort: Optional[float] = typer.Option(None, help="Ours, with --glyphs: above 0, I(s;x)'s content view reads each glyph turned (up to 15 degrees), scaled (10%) and sheared (0.15), the ranges times this (default: the preset's)."),
     whole_pixels: Optional[bool] = typer.Option(None, "--whole-pixels/--no-whole-pixels", help="Ours, with --glyphs: the frames the model draws (generations, swaps, reconstructions) have each glyph at the nearest whole pixel, as the data's digits are; the ELBO is unchanged (default: the preset's)."),
     frame_size: Optional[int] = typer.Option(None, help="Frame height/width for generated datasets."),
     seed: int = typer.Option(0),
@@ -2757,7 +2807,8 @@ def train_command(
         choices = {k: v for k, v in dict(likelihood=likelihood, lr_schedule=lr_schedule, fresh_data=fresh_data,
                                          mi_rollout=mi_rollout, content_flip=content_flip, motion_grad=motion_grad,
                                          explain_away=explain_away, whole_pixels=whole_pixels,
-                                         content_half=content_half, glyph_contrast=glyph_contrast).items() if v is not None}
+                                         content_half=content_half, glyph_contrast=glyph_contrast,
+                                         glyph_distort=glyph_distort).items() if v is not None}
         cfg = Config(**{**preset(dataset.name, scale), **overrides, **choices}, frame_shape=dataset.frame_shape,
                      frames=dataset.train.sequences.shape[1], mi=mi, content_aug=content_aug,
                      motion_aug=motion_aug, seed=seed)

@@ -279,6 +279,12 @@ def test_glyph_contrast_without_glyphs_is_a_one_line_error_and_nothing_is_writte
     assert not (tmp_path / "run").exists()
 
 
+def test_glyph_distort_without_glyphs_is_a_one_line_error_and_nothing_is_written(tmp_path):
+    assert_user_error(run("train", "--glyph-distort", 1, "--epochs", 1, "--out", tmp_path / "run"),
+                      "--glyph-distort 1.0: expected 0 or more, and above 0 only with --glyphs K")
+    assert not (tmp_path / "run").exists()
+
+
 def test_without_a_run_the_commands_ask_for_train_or_a_checkpoint(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert_user_error(run("swap", "a.npy", "b.npy"), "no trained model under runs/", "cdsvae train", "--ckpt")

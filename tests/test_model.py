@@ -103,6 +103,29 @@ def test_identity_motion_params_leave_the_video_unchanged():
     assert torch.allclose(cdsvae.apply_motion_params(x, identity), x, atol=1e-5)
 
 
+def test_glyph_distortions_turn_scale_and_shear_within_their_ranges_and_zero_is_the_identity():
+    """Ours (--glyph-distort): each map is scale * rotation(angle) @ [[1, shear], [0, 1]], its
+    three numbers within 15 degrees, 10% and 0.15 times the strength; no shift."""
+    import math
+    maps = cdsvae.glyph_distortions(2000, 0.5, generator=torch.Generator().manual_seed(0)).double()
+    scale = maps[:, :, :2].det().sqrt()
+    angle = torch.atan2(maps[:, 1, 0], maps[:, 0, 0])
+    shear = (maps[:, 0, 1] * torch.cos(angle) + maps[:, 1, 1] * torch.sin(angle)) / scale
+    rebuilt = scale[:, None, None] * torch.stack([torch.stack([torch.cos(angle), -torch.sin(angle)], 1),
+                                                  torch.stack([torch.sin(angle), torch.cos(angle)], 1)], 1) @ \
+        torch.stack([torch.stack([torch.ones_like(shear), shear], 1),
+                     torch.stack([torch.zeros_like(shear), torch.ones_like(shear)], 1)], 1)
+    torch.testing.assert_close(rebuilt, maps[:, :, :2])
+    assert (maps[:, :, 2] == 0).all()
+    for values, bound in ((angle, math.pi / 24), (scale - 1, 0.05), (shear, 0.075)):
+        assert values.abs().max() <= bound + 1e-6 and values.abs().max() > 0.9 * bound
+    identity = cdsvae.glyph_distortions(3, 0.0)
+    glimpses = torch.rand(3, 1, 16, 16)
+    torch.testing.assert_close(cdsvae.distorted(glimpses, identity), glimpses, atol=1e-5, rtol=0)
+    turned = cdsvae.distorted(glimpses, torch.tensor([[[0.0, -1.0, 0.0], [1.0, 0.0, 0.0]]]).expand(3, 2, 3))
+    torch.testing.assert_close(turned, glimpses.transpose(-1, -2).flip(-2), atol=1e-5, rtol=0)   # a quarter turn
+
+
 # --- per-step sampling ------------------------------------------------------------------------
 
 def rollout_with_lstm_cell(features, posterior: cdsvae.DynamicPosterior, eps):
@@ -365,7 +388,7 @@ def test_the_glyph_order_draws_each_glyph_at_its_matched_place():
     assert cdsvae.CDSVAE(small_config()).eval().encode(torch.rand(2, 5, 3, 16, 16)).glyph_order is None
 
 
-@pytest.mark.parametrize("options", [{}, {"explain_away": True, "motion_grad": False}])
+@pytest.mark.parametrize("options", [{}, {"explain_away": True, "motion_grad": False}, {"glyph_distort": 1.0}])
 def test_glyph_model_trains_every_parameter_swaps_samples_and_reloads(tmp_path, options):
     torch.manual_seed(0)
     model = cdsvae.CDSVAE(glyph_config(**options))

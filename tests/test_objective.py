@@ -529,18 +529,21 @@ def test_pair_critic_trains_on_detached_samples_its_estimate_only_the_encoders_a
     assert "pair_critic.net.0.weight" not in small_model(club=1.0).state_dict()   # off: the model as before
 
 
-@pytest.mark.parametrize("content_half, glyph_contrast", [(False, False), (True, False), (True, True)])
-def test_glyph_terms_equal_a_direct_computation(monkeypatch, content_half, glyph_contrast):
+@pytest.mark.parametrize("content_half, glyph_contrast, glyph_distort",
+                         [(False, False, 0.0), (True, False, 0.0), (True, True, 0.0), (False, False, 1.0)])
+def test_glyph_terms_equal_a_direct_computation(monkeypatch, content_half, glyph_contrast, glyph_distort):
     """With --glyphs 2 (ours): q(s | x, z) read from the glimpses at z_t's centres, each cut
     with its own affine grid, the two places of every frame matched to the glyphs by the cosine
     of their codes to the mean of the frames before (then of all); the frames the union of the
     glyphs drawn at their matched places; the Bernoulli reconstruction, KL_s and I(s;x) written out
     per frame: the shuffled video's s is x's own; with content_half (ours) the content view's s is
     the mean of the glyphs' codes over the shuffled video's first half; with glyph_contrast (ours)
-    the InfoNCE rows are the glyphs' parts of s."""
+    the InfoNCE rows are the glyphs' parts of s; with glyph_distort (ours) the content view's s is
+    read from every frame's glimpse of each glyph at its matched place resampled through that
+    glyph's affine map."""
     torch.manual_seed(0)
     model = small_model(frame_shape=(1, 32, 32), glyphs=2, likelihood="bernoulli", content_half=content_half,
-                        glyph_contrast=glyph_contrast).eval()
+                        glyph_contrast=glyph_contrast, glyph_distort=glyph_distort).eval()
     batch, steps = 3, 4
     x, view = (torch.rand(batch, steps, 1, 32, 32) > 0.7).float(), torch.rand(batch, steps, 1, 32, 32)
     noise = [torch.randn(batch, 6), torch.randn(batch, steps, 3), torch.randn(batch, steps, 3)]
@@ -549,6 +552,9 @@ def test_glyph_terms_equal_a_direct_computation(monkeypatch, content_half, glyph
     monkeypatch.setattr(cdsvae.CDSVAE, "noise", staticmethod(lambda shape, like: next(handed_out)))
     monkeypatch.setattr(cdsvae, "motion_augment", lambda frames: view)
     monkeypatch.setattr(cdsvae, "content_order", lambda b, t, device=None, generator=None: content)
+    affine = torch.tensor([[0.9, -0.2, 0.0], [0.3, 1.1, 0.0]]) + 0.05 * torch.randn(2 * batch, 2, 3)
+    affine[:, :, 2] = 0.0
+    monkeypatch.setattr(cdsvae, "glyph_distortions", lambda count, strength, device=None: affine[:count])
     _, terms = model(x)
     decoder, posterior = model.frame_decoder, model.static_posterior
     with torch.no_grad():
@@ -582,8 +588,15 @@ def test_glyph_terms_equal_a_direct_computation(monkeypatch, content_half, glyph
             parts = [torch.stack([seen[t][orders[b][t][k]] for t in range(steps)]).mean(0) for k in range(2)]
             mean, logvar = zip(*(posterior.head(part).chunk(2) for part in parts))
             means.append(torch.cat(mean)), logvars.append(torch.cat(logvar))
-            halves = [torch.stack([seen[t][orders[b][t][k]] for t in content[b, :steps // 2].tolist()]).mean(0)
-                      for k in range(2)]
+            def view_code(t, k):                               # glyph k in the content view
+                glimpse = window(x[b, t], centre(dynamic[b, t], orders[b][t][k]), 0.5, 16)
+                if glyph_distort:
+                    grid = torch.nn.functional.affine_grid(affine[2 * b + k][None], (1, 1, 16, 16), align_corners=False)
+                    glimpse = torch.nn.functional.grid_sample(glimpse[None], grid, align_corners=False)[0]
+                return posterior.encoder(glimpse[None])[0]
+
+            view_frames = content[b, :steps // 2].tolist() if content_half else range(steps)
+            halves = [torch.stack([view_code(t, k) for t in view_frames]).mean(0) for k in range(2)]
             half_means.append(torch.cat([posterior.head(half).chunk(2)[0] for half in halves]))
         assert (1, 0) in sum(orders, []) and (0, 1) in sum(orders, [])     # both orders are taken here
         static_mean, static_logvar = torch.stack(means), torch.stack(logvars)
@@ -602,7 +615,7 @@ def test_glyph_terms_equal_a_direct_computation(monkeypatch, content_half, glyph
     direct = {"recon": recon / batch,
               "kl_s": float(kl_divergence(Normal(static_mean, torch.exp(0.5 * static_logvar)), Normal(0.0, 1.0)).sum()) / batch,
               "mi_sx": explicit_contrastive(static_mean, static_mean, model.cfg.tau)}
-    if content_half:
+    if content_half or glyph_distort:
         half_mean = torch.stack(half_means)
         direct["mi_sx"] = (explicit_contrastive(static_mean.reshape(2 * batch, 3), half_mean.reshape(2 * batch, 3),
                                                 model.cfg.tau) if glyph_contrast else
