@@ -448,6 +448,13 @@ class GlimpseStaticPosterior(nn.Module):
         return mean.flatten(1), logvar.flatten(1)
 
 
+def glyph_ordered(values, order):
+    """Ours (``cfg.glyphs``): ``values`` (N K, ...) given per place of z_t, taken per glyph: glyph k's
+    is that of place ``order[n, k]`` (``order`` (N, K), as ``match_glyphs`` gives it)."""
+    rows = torch.arange(len(order), device=order.device)[:, None]
+    return values.view(*order.shape, *values.shape[1:])[rows, order].flatten(0, 1)
+
+
 def match_glyphs(codes):
     """Ours (``cfg.glyphs``): which of z_t's K places shows which glyph, frame by frame, by what is
     seen there. ``codes`` (B, T, K, W): the glimpse codes at the K places of every frame. Frame 1
@@ -800,11 +807,9 @@ class CDSVAE(nn.Module):
         with torch.no_grad():
             codes, order = match_glyphs(read(torch.cat([glimpses, torch.zeros_like(glimpses)], 1)).view(B, T, K, -1))
             glyphs = decoder.drawn(self.static_posterior(codes)[0]).view(B, K, *glimpses.shape[1:])
-        rows = torch.arange(B * T, device=x.device)[:, None]
-        centres = centres.view(B * T, K, 2)[rows, order.flatten(0, 1)]
-        mine = glimpses.view(B * T, K, *glimpses.shape[1:])[rows, order.flatten(0, 1)]
+        centres, mine = (glyph_ordered(values, order.flatten(0, 1)) for values in (centres, glimpses))
         others = decoder.others_seen(glyphs, centres.view(B, T, K, 2))
-        return read(torch.cat([mine.flatten(0, 1), others], 1)).view(B, T, K, -1), order
+        return read(torch.cat([mine, others], 1)).view(B, T, K, -1), order
 
     def elbo_terms(self, x, posterior: Encoding) -> dict:
         """-log p(x|s, z) and the closed-form KL_s = KL(q(s|x) || N(0, I)) and KL_z =
@@ -835,9 +840,7 @@ class CDSVAE(nn.Module):
         B, T, K = *posterior.dynamic.shape[:2], self.cfg.glyphs
         decoder = self.frame_decoder
         with torch.no_grad():
-            centres = decoder.centres(posterior.dynamic.flatten(0, 1).detach()).view(B * T, K, 2)
-            rows = torch.arange(B * T, device=x.device)[:, None]
-            centres = centres[rows, posterior.glyph_order.flatten(0, 1)].flatten(0, 1)
+            centres = glyph_ordered(decoder.centres(posterior.dynamic.flatten(0, 1)), posterior.glyph_order.flatten(0, 1))
             glimpses = decoder.glimpses(x.flatten(0, 1), centres)                       # glyph k's at k
             affine = glyph_distortions(B * K, self.cfg.glyph_distort, device=x.device).view(B, 1, K, 2, 3)
             glimpses = distorted(glimpses, affine.expand(B, T, K, 2, 3).reshape(-1, 2, 3))
@@ -1141,8 +1144,7 @@ class GlyphDecoder(nn.Module):
         if whole_pixels:
             centres = self.on_pixels(centres)
         if order is not None:
-            rows = torch.arange(len(dynamic), device=dynamic.device)[:, None]
-            centres = centres.view(len(dynamic), self.slots, 2)[rows, order].flatten(0, 1)
+            centres = glyph_ordered(centres, order)
         return self.placed(glyphs, centres)
 
     def on_pixels(self, centres):
