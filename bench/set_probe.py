@@ -10,7 +10,10 @@ for i = j (``pair_log_probs``); it is fitted by the pair's likelihood on the tra
 scored on the test split by the most probable pair. Beside it, the package's probe on the same
 samples. Diagnostic only: the issue's bar is the package's probe.
 
-    python bench/set_probe.py --ckpt RUN/last.pt --data-dir MNIST [--out set_probe.json]
+    python bench/set_probe.py --ckpt RUN/last.pt --data-dir MNIST [--means] [--out set_probe.json]
+
+``--means`` reads the encoder's posterior means instead (not refined): how much of the gap is
+the samples' noise.
 """
 from __future__ import annotations
 
@@ -68,10 +71,18 @@ def set_probe_accuracy(train_s, train_low, train_high, test_s, test_low, test_hi
             "s_static": float((low_right.mean() + high_right.mean()) / 2), "both": float((low_right & high_right).mean())}
 
 
+def split_statics(model, train_sequences, test_sequences, means: bool = False):
+    """s of the training and test sequences as numpy arrays: posterior samples (seeds 0 and 1, as
+    ``cdsvae.probe`` draws them) or, with ``means``, the encoder's posterior means, not refined."""
+    return tuple(cdsvae.encode_split(model, sequences, "cpu", not means, seed=seed, refine_steps=0)[0]
+                 for sequences, seed in ((train_sequences, 0), (test_sequences, 1)))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", required=True)
     parser.add_argument("--data-dir", required=True, help="folder of MNIST IDX files")
+    parser.add_argument("--means", action="store_true", help="the encoder's posterior means instead of samples")
     parser.add_argument("--out", help="also write the result as JSON here")
     args = parser.parse_args()
     with cdsvae.user_errors():
@@ -79,11 +90,10 @@ def main():
         if model.cfg.glyphs != 2:
             raise cdsvae.UserError(f"{args.ckpt}: expected a model trained with --glyphs 2, got glyphs {model.cfg.glyphs}")
         data = cdsvae.load_dataset("sm-mnist", args.data_dir)
-        train_s, _ = cdsvae.encode_split(model, data.train.sequences, "cpu", True, seed=0)
-        test_s, _ = cdsvae.encode_split(model, data.test.sequences, "cpu", True, seed=1)
+        train_s, test_s = split_statics(model, data.train.sequences, data.test.sequences, args.means)
         labels = [data.train.labels["digit_low"], data.train.labels["digit_high"],
                   data.test.labels["digit_low"], data.test.labels["digit_high"]]
-        result = {"checkpoint": model.description, "latents": "posterior samples (the encoder's)",
+        result = {"checkpoint": model.description, "latents": "posterior means (the encoder's)" if args.means else "posterior samples (the encoder's)",
                   "probe": {f: cdsvae.probe_accuracy(train_s, data.train.labels[f], test_s, data.test.labels[f], 10)
                             for f in ("digit_low", "digit_high")},
                   "set_probe": set_probe_accuracy(train_s, labels[0], labels[1], test_s, labels[2], labels[3]),

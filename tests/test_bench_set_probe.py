@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 import torch
 
+import cdsvae
+
 
 def test_pair_log_probs_sum_both_assignments_of_the_two_parts(load_bench):
     bench = load_bench("set_probe")
@@ -47,3 +49,18 @@ def test_set_probe_reads_digits_from_parts_in_any_order_and_not_from_noise(load_
             assert result["digit_low"] > 0.95 and result["digit_high"] > 0.95 and result["both"] > 0.9
         else:
             assert result["s_static"] < chance + 0.1
+
+
+def test_split_statics_gives_samples_or_the_encoders_unrefined_means(load_bench):
+    bench = load_bench("set_probe")
+    torch.manual_seed(0)
+    model = cdsvae.CDSVAE(cdsvae.Config(frame_shape=(1, 32, 32), glyphs=2, static_dim=8, dynamic_dim=3,
+                                        feature_dim=8, hidden_dim=10, conv_width=4, refine_steps=5))
+    sequences = np.random.default_rng(0).integers(0, 256, (5, 4, 32, 32, 1), dtype=np.uint8)   # as stored
+    train_means, test_means = bench.split_statics(model, sequences, sequences[:3], means=True)
+    with torch.no_grad():
+        expected = model.encode(cdsvae.to_frames(sequences, "cpu"), sample=False, refine_steps=0).static.numpy()
+    np.testing.assert_allclose(train_means, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(test_means, expected[:3], rtol=1e-5, atol=1e-6)
+    train_samples, _ = bench.split_statics(model, sequences, sequences[:3])
+    assert train_samples.shape == (5, 8) and np.abs(train_samples - train_means).max() > 1e-2
