@@ -135,6 +135,8 @@ class Config:
                                       # with every glyph's part in the batch (the other glyphs are negatives)
     glyph_distort: float = 0.0        # ours, with glyphs: > 0: I(s;x)'s content view reads each glyph's glimpses
                                       # turned, scaled and sheared (glyph_distortions, ranges times this)
+    static_pool: str = "lstm"         # q(s|x_1:T) summarises the frames by the paper's "lstm" (bidirectional), or
+                                      # ours, "mean": order-free (StaticPosterior)
     glyphs: int = 0                   # ours, not the paper's: K > 0: s draws K glyphs that z_t places
                                       # (GlyphDecoder) and q(s|x, z) reads them there (GlimpseStaticPosterior)
     explain_away: bool = False        # ours, with glyphs: q(s|x, z) reads each glyph's glimpses beside the
@@ -402,17 +404,30 @@ def motion_augment(x: torch.Tensor, generator=None) -> torch.Tensor:
 
 class StaticPosterior(nn.Module):
     """q(s | x_1:T), eq. (2): a bidirectional LSTM over the frame features; its last forward and
-    first backward states give the Gaussian's mean and log-variance."""
+    first backward states give the Gaussian's mean and log-variance.
+
+    With ``cfg.static_pool`` "mean" (ours, not the paper's) the summary is order-free instead: each
+    frame's features through a layer of their own, averaged over time, and one more layer (a
+    DeepSets reading). Then s cannot depend on the frames' order at all, not even in its
+    posterior mean below the noise (the content view, frames shuffled, has x's own s)."""
 
     def __init__(self, cfg: Config):
         super().__init__()
-        self.lstm = nn.LSTM(cfg.feature_dim, cfg.hidden_dim, batch_first=True, bidirectional=True)
-        self.head = nn.Linear(2 * cfg.hidden_dim, 2 * cfg.static_dim)
+        width = 2 * cfg.hidden_dim
+        if cfg.static_pool == "mean":
+            self.frame = nn.Sequential(nn.Linear(cfg.feature_dim, width), nn.LeakyReLU(0.2))
+            self.pooled = nn.Sequential(nn.Linear(width, width), nn.LeakyReLU(0.2))
+        else:
+            self.lstm = nn.LSTM(cfg.feature_dim, cfg.hidden_dim, batch_first=True, bidirectional=True)
+        self.head = nn.Linear(width, 2 * cfg.static_dim)
 
     def forward(self, features):                                # (B, T, F) -> 2 x (B, Ds)
-        out, _ = self.lstm(features)
-        hidden = self.lstm.hidden_size
-        summary = torch.cat([out[:, -1, :hidden], out[:, 0, hidden:]], dim=1)
+        if hasattr(self, "frame"):                              # ours: order-free
+            summary = self.pooled(self.frame(features).mean(dim=1))
+        else:
+            out, _ = self.lstm(features)
+            hidden = self.lstm.hidden_size
+            summary = torch.cat([out[:, -1, :hidden], out[:, 0, hidden:]], dim=1)
         return self.head(summary).chunk(2, dim=1)
 
 
@@ -2404,7 +2419,8 @@ def validation_score(model: CDSVAE, data: Dataset, index: np.ndarray, device, ju
 def check_config(cfg: Config) -> None:
     """The choices of a config are ones this code knows (UserError naming them otherwise)."""
     allowed = {"mi": ("contrastive", "mws", "off"), "likelihood": ("gaussian", "bernoulli"),
-               "lr_schedule": ("constant", "cosine"), "mi_rollout": ("sampled", "mean")}
+               "lr_schedule": ("constant", "cosine"), "mi_rollout": ("sampled", "mean"),
+               "static_pool": ("lstm", "mean")}
     for name, values in allowed.items():
         if getattr(cfg, name) not in values:
             raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: expected {' or '.join(values)}")
@@ -2419,6 +2435,9 @@ def check_config(cfg: Config) -> None:
         raise UserError(f"--decay-fraction must be in (0, 1], got {cfg.decay_fraction}")
     if cfg.whole_pixels and not cfg.glyphs:
         raise UserError("--whole-pixels places glyphs; expected --glyphs K with it")
+    if cfg.static_pool != "lstm" and cfg.glyphs:
+        raise UserError(f"--static-pool {cfg.static_pool}: with --glyphs q(s|x, z) averages over the frames "
+                        "already; expected lstm with it")
     if cfg.glyph_contrast and not cfg.glyphs:
         raise UserError("--glyph-contrast compares glyphs; expected --glyphs K with it")
     if cfg.glyph_distort < 0 or (cfg.glyph_distort and (not cfg.glyphs or cfg.explain_away)):
@@ -2758,6 +2777,7 @@ def train_command(
     warmup_steps: Optional[int] = typer.Option(None, help="Warm-up steps of the cosine schedule."),
     decay_fraction: Optional[float] = typer.Option(None, help="Ours: the cosine schedule keeps --lr until this last fraction of the run (of --epochs or --time-budget) and decays over it (1: all of the run after the warm-up)."),
     fresh_data: Optional[bool] = typer.Option(None, help="Generated datasets (shapes, sm-mnist): new training sequences every epoch."),
+    static_pool: Optional[str] = typer.Option(None, help="q(s|x_1:T) summarises the frames by the paper's bidirectional 'lstm', or (ours) 'mean': order-free, each frame through a layer, averaged over time, one more layer (not with --glyphs; default: the preset's)."),
     mi_rollout: Optional[str] = typer.Option(None, help="I(z;x) compares posterior-mean trajectories along 'sampled' or 'mean' (eps = 0) rollouts."),
     mi: str = typer.Option("contrastive", help="MI estimates: contrastive (eq. 7-8), mws (App. F) or off (the DSVAE baseline)."),
     content_aug: bool = typer.Option(True, help="Content augmentation for I(s;x) (off: MWS estimate)."),
@@ -2807,7 +2827,7 @@ def train_command(
             if value is not None and (value < 0 if zero_allowed else value <= 0):
                 raise UserError(f"--{name.replace('_', '-')} must be {'non-negative' if zero_allowed else 'positive'}, got {value}")
         choices = {k: v for k, v in dict(likelihood=likelihood, lr_schedule=lr_schedule, fresh_data=fresh_data,
-                                         mi_rollout=mi_rollout, content_flip=content_flip, motion_grad=motion_grad,
+                                         mi_rollout=mi_rollout, static_pool=static_pool, content_flip=content_flip, motion_grad=motion_grad,
                                          explain_away=explain_away, whole_pixels=whole_pixels,
                                          content_half=content_half, glyph_contrast=glyph_contrast,
                                          glyph_distort=glyph_distort).items() if v is not None}

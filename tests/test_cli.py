@@ -279,6 +279,15 @@ def test_glyph_contrast_without_glyphs_is_a_one_line_error_and_nothing_is_writte
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--static-pool", "max"], "--static-pool max: expected lstm or mean"),
+    (["--static-pool", "mean", "--glyphs", 2], "--static-pool mean: with --glyphs q(s|x, z) averages over the frames already; expected lstm"),
+])
+def test_a_bad_static_pool_is_a_one_line_error_and_nothing_is_written(tmp_path, args, message):
+    assert_user_error(run("train", *args, "--epochs", 1, "--out", tmp_path / "run"), message)
+    assert not (tmp_path / "run").exists()
+
+
 def test_glyph_distort_without_glyphs_is_a_one_line_error_and_nothing_is_written(tmp_path):
     assert_user_error(run("train", "--glyph-distort", 1, "--epochs", 1, "--out", tmp_path / "run"),
                       "--glyph-distort 1.0: expected 0 or more, and above 0 only with --glyphs K")

@@ -193,6 +193,28 @@ def test_training_gradients_reach_every_parameter():
     assert missing == []
 
 
+def test_order_free_static_posterior_is_a_mean_over_frames_and_ignores_their_order():
+    """--static-pool mean (ours): q(s|x)'s Gaussian is head(layer(mean_t layer(f_t))), computed
+    here by hand, and the same for every order of the frames; the model trains every parameter."""
+    torch.manual_seed(0)
+    cfg = small_config(static_pool="mean")
+    posterior = cdsvae.StaticPosterior(cfg).double()
+    features = torch.randn(3, 7, cfg.feature_dim, dtype=torch.float64)
+    leaky = lambda v: torch.where(v > 0, v, 0.2 * v)   # noqa: E731
+    frame, pooled = posterior.frame[0], posterior.pooled[0]
+    per_frame = [leaky(features[:, t] @ frame.weight.T + frame.bias) for t in range(7)]
+    summary = leaky(sum(per_frame) / 7 @ pooled.weight.T + pooled.bias)
+    direct = summary @ posterior.head.weight.T + posterior.head.bias
+    mean, logvar = posterior(features)
+    assert torch.allclose(torch.cat([mean, logvar], 1), direct, atol=1e-12)
+    shuffled = posterior(features[:, torch.randperm(7)])
+    assert torch.allclose(shuffled[0], mean, atol=1e-12) and torch.allclose(shuffled[1], logvar, atol=1e-12)
+    model = cdsvae.CDSVAE(cfg)
+    model(video())[0].backward()
+    assert [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0] == []
+    assert not hasattr(model.static_posterior, "lstm")
+
+
 # --- prior and generation ---------------------------------------------------------------------
 
 def test_prior_teacher_forcing_agrees_with_step_by_step_generation():
