@@ -67,7 +67,9 @@ Where the paper, the released code and this file differ (so that no reader has t
                                                                              glyphs matched to the places
                                                                              by what they show (SM-MNIST);
                                                                              --whole-pixels (ours): decode
-                                                                             draws them at whole pixels
+                                                                             draws them at whole pixels;
+                                                                             --static-pool mean (ours): q(s|x)
+                                                                             order-free, a mean over frames
     inference           the encoder's output      the same                   the same; --refine-steps N (ours;
                                                                              --scale cpu for SM-MNIST) moves
                                                                              the posterior means N gradient
@@ -413,8 +415,8 @@ class StaticPosterior(nn.Module):
 
     def __init__(self, cfg: Config):
         super().__init__()
-        width = 2 * cfg.hidden_dim
-        if cfg.static_pool == "mean":
+        width, self.order_free = 2 * cfg.hidden_dim, cfg.static_pool == "mean"
+        if self.order_free:
             self.frame = nn.Sequential(nn.Linear(cfg.feature_dim, width), nn.LeakyReLU(0.2))
             self.pooled = nn.Sequential(nn.Linear(width, width), nn.LeakyReLU(0.2))
         else:
@@ -422,7 +424,7 @@ class StaticPosterior(nn.Module):
         self.head = nn.Linear(width, 2 * cfg.static_dim)
 
     def forward(self, features):                                # (B, T, F) -> 2 x (B, Ds)
-        if hasattr(self, "frame"):                              # ours: order-free
+        if self.order_free:                                     # ours
             summary = self.pooled(self.frame(features).mean(dim=1))
         else:
             out, _ = self.lstm(features)
