@@ -259,11 +259,11 @@ def test_train_cli_writes_its_outputs_and_a_first_session_needs_no_flags_after_i
     assert set(summary["probe"]) >= {"s_static", "s_dynamic", "z_static", "z_dynamic", "chance"}
     assert all(0.0 <= summary["probe"][k] <= 1.0 for k in ("s_static", "s_dynamic", "z_static", "z_dynamic"))
     test_labels = cdsvae.load_dataset("shapes", None, 16, 0).test.labels     # chance, computed directly
-    for kind, factors in (("static", ("shape", "colour")), ("dynamic", ("direction", "scale"))):
+    for kind, factors in (("static", ("shape", "colour", "large_side")), ("dynamic", ("direction",))):
         majority = [max(np.mean(test_labels[f] == c) for c in set(test_labels[f].tolist())) for f in factors]
         assert summary["probe"]["chance"][kind] == pytest.approx(np.mean(majority))
     assert summary["probe"]["s_static"] == pytest.approx(np.mean([summary["probe"]["per_factor"][f"s/{f}"]
-                                                                  for f in ("shape", "colour")]))
+                                                                  for f in ("shape", "colour", "large_side")]))
     assert cdsvae.load_checkpoint(out / "last.pt").cfg.static_dim == 4
 
 
@@ -281,7 +281,8 @@ def test_glyph_contrast_without_glyphs_is_a_one_line_error_and_nothing_is_writte
 
 @pytest.mark.parametrize("args, message", [
     (["--static-pool", "max"], "--static-pool max: expected lstm or mean"),
-    (["--static-pool", "mean", "--glyphs", 2], "--static-pool mean: with --glyphs q(s|x, z) averages over the frames already; expected lstm"),
+    (["--static-pool", "mean", "--glyphs", 2], "--static-pool mean: with --glyphs q(s|x, z) averages over the frames already; expected --static-pool lstm"),
+    (["--glyphs", 2], "--static-pool mean: with --glyphs"),      # the shapes preset's pool
 ])
 def test_a_bad_static_pool_is_a_one_line_error_and_nothing_is_written(tmp_path, args, message):
     assert_user_error(run("train", *args, "--epochs", 1, "--out", tmp_path / "run"), message)

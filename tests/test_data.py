@@ -22,16 +22,16 @@ def test_shapes_is_a_pure_function_of_the_seed():
     assert shapes.render(2, 0, size=64)[0].shape == (2, 8, 64, 64, 3)
 
 
-def test_shapes_dynamic_factors_change_only_the_frame_order():
-    """A sequence with both dynamic factors flipped is the same sequence played backwards: the
-    unordered set of frames never tells direction or scale trend on its own."""
+def test_shapes_direction_changes_only_the_frame_order():
+    """A sequence with the other direction and the same static factors (large_side included) is
+    the same sequence played backwards: the unordered set of frames never tells the direction."""
     videos, labels = shapes.render(300, seed=0)
     vertical_profile = videos.sum(axis=(1, 3, 4))     # depends on the (unlabelled) offset only
     matches = 0
     for n in range(300):
         for m in range(n + 1, 300):
-            same_static = all(labels[k][n] == labels[k][m] for k in ("shape", "colour"))
-            flipped = all(labels[k][n] != labels[k][m] for k in ("direction", "scale"))
+            same_static = all(labels[k][n] == labels[k][m] for k in ("shape", "colour", "large_side"))
+            flipped = labels["direction"][n] != labels["direction"][m]
             if same_static and flipped and np.array_equal(vertical_profile[n], vertical_profile[m]):
                 assert np.array_equal(videos[n], videos[m][::-1])
                 matches += 1
@@ -48,7 +48,9 @@ def test_shapes_colour_and_motion_are_rendered_as_labelled():
         moving_right = centre_x[-1] > centre_x[0]
         assert moving_right == (labels["direction"][n] == 0)
         area = videos[n].any(axis=3).sum(axis=(1, 2))
-        assert (area[-1] > area[0]) == (labels["scale"][n] == 0)
+        largest_at_right = area[int(np.argmax(centre_x))] > area[int(np.argmin(centre_x))]
+        assert largest_at_right == (labels["large_side"][n] == 0)
+        assert (area[-1] > area[0]) == shapes.growing(labels)[n]
 
 
 def write_idx(path, array, gz):

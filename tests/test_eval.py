@@ -46,7 +46,7 @@ def evaluate_toy(monkeypatch, judge, videos, labels, encode, decode, static_dim,
 def test_judge_learns_the_shapes_factors_and_eval_reports_the_protocol(tmp_path):
     data = small_data()
     accuracy = cdsvae.train_judge(data, "cpu", epochs=40, out=tmp_path / "judge.pt", show_progress=False)
-    assert set(accuracy) == {"shape", "colour", "direction", "scale"}
+    assert set(accuracy) == {"shape", "colour", "large_side", "direction"}
     assert accuracy["colour"] > 0.9 and accuracy["direction"] > 0.9     # easy factors, real learning
     judge = cdsvae.load_judge(tmp_path / "judge.pt", frame_shape=(3, 16, 16))
     assert judge.kinds["direction"] == "dynamic"
@@ -59,9 +59,9 @@ def test_judge_learns_the_shapes_factors_and_eval_reports_the_protocol(tmp_path)
     model = cdsvae.CDSVAE(cfg)
     report = cdsvae.evaluate(model, judge, data, "cpu", repeat=2)
     assert report["rounds"] == 2
-    assert set(report["results"]) == {"fixed_dynamic/direction", "fixed_dynamic/scale",
-                                      "fixed_static/shape", "fixed_static/colour",
-                                      "swap/shape", "swap/colour", "swap/direction", "swap/scale"}
+    assert set(report["results"]) == {"fixed_dynamic/direction", "fixed_static/shape", "fixed_static/colour",
+                                      "fixed_static/large_side", "swap/shape", "swap/colour",
+                                      "swap/large_side", "swap/direction"}
     for metrics in report["results"].values():
         assert 0 <= metrics["acc"]["mean"] <= 1 and metrics["is"]["mean"] >= 1 - 1e-6
         assert metrics["h_yx"]["mean"] >= 0 and metrics["acc"]["std"] >= 0

@@ -134,6 +134,19 @@ def small_model(**overrides):
     return cdsvae.CDSVAE(cfg)
 
 
+@pytest.mark.parametrize("flip, passes", [(False, 1), (True, 2)])
+def test_an_order_free_q_s_is_not_run_again_on_the_shuffled_view(monkeypatch, flip, passes):
+    """With --static-pool mean the shuffled video's s is x's own: forward runs q(s|x) once; the
+    mirrored content view (--content-flip) is another video and needs a second pass."""
+    torch.manual_seed(0)
+    model = small_model(static_pool="mean", content_flip=flip)
+    calls = []
+    forward = model.static_posterior.forward
+    monkeypatch.setattr(model.static_posterior, "forward", lambda features: calls.append(features.shape) or forward(features))
+    model(torch.rand(4, 5, 3, 16, 16))
+    assert len(calls) == passes
+
+
 def brute_force_mws_zs(static, static_mean, static_logvar, dynamic, dynamic_mean, dynamic_logvar, size):
     """I(z;s) by minibatch-weighted sampling, per time step, written out with loops."""
     batch, steps = dynamic.shape[:2]
@@ -192,10 +205,12 @@ def direct_terms(model, x, content_view_order, motion_view, noise):
     }
 
 
-@pytest.mark.parametrize("alpha_static", [None, 1.9])   # None: eq. (6)'s one alpha for both KL terms
-def test_every_term_of_forward_equals_an_independent_computation(monkeypatch, alpha_static):
+@pytest.mark.parametrize("alpha_static, static_pool", [(None, "lstm"), (1.9, "lstm"), (None, "mean")])
+def test_every_term_of_forward_equals_an_independent_computation(monkeypatch, alpha_static, static_pool):
+    """alpha_static None: eq. (6)'s one alpha for both KL terms. static_pool "mean": forward takes
+    x's own s for the shuffled view's; the direct computation runs q(s|x) on the shuffled frames."""
     torch.manual_seed(0)
-    model = small_model(alpha=0.7, alpha_static=alpha_static, beta=3.0, gamma=2.0)
+    model = small_model(alpha=0.7, alpha_static=alpha_static, beta=3.0, gamma=2.0, static_pool=static_pool)
     batch, steps = 5, 4
     x, view = torch.rand(batch, steps, 3, 16, 16), torch.rand(batch, steps, 3, 16, 16)
     order = torch.stack([torch.randperm(steps) for _ in range(batch)])

@@ -53,7 +53,7 @@ def shapes_tree(root: Path, count: int = 24, frames: int = 8, size: int = 32, se
 def prepare_shapes(tmp_path, *extra, kind="mixed"):
     shapes_tree(tmp_path / "src", kind=kind)
     return run("prepare", "frames", "--source", tmp_path / "src", "--out", tmp_path / "prep",
-               "--labels", tmp_path / "labels.csv", "--static", "shape,colour", "--dynamic", "direction,scale",
+               "--labels", tmp_path / "labels.csv", "--static", "shape,colour,large_side", "--dynamic", "direction",
                *extra)
 
 
@@ -65,10 +65,10 @@ def test_natural_sort_orders_frames_by_number():
 def test_prepare_frames_keeps_the_frames_and_labels(tmp_path, kind):
     videos, labels = shapes_tree(tmp_path / "src", kind=kind)
     result = run("prepare", "frames", "--source", tmp_path / "src", "--out", tmp_path / "prep",
-                 "--labels", tmp_path / "labels.csv", "--static", "shape,colour", "--dynamic", "direction,scale")
+                 "--labels", tmp_path / "labels.csv", "--static", "shape,colour,large_side", "--dynamic", "direction")
     assert result.exit_code == 0, result.output
     meta = json.loads((tmp_path / "prep" / "meta.json").read_text())
-    assert meta["kind"] == {"shape": "static", "colour": "static", "direction": "dynamic", "scale": "dynamic"}
+    assert meta["kind"] == {"shape": "static", "colour": "static", "large_side": "static", "direction": "dynamic"}
     assert meta["frame_shape"] == [3, 32, 32] and meta["frames"] == 8
     assert meta["splits"]["test"]["count"] == round(0.2 * 24) and meta["splits"]["train"]["count"] == 24 - 5
     data = cdsvae.load_dataset(None, str(tmp_path / "prep"))
@@ -204,7 +204,7 @@ def test_all_sequences_shorter_than_frames_is_refused(tmp_path):
 @pytest.mark.parametrize("case, expected", [
     ("unknown", "names ghost, not sequences in"),
     ("missing_row", "no row for sequence 'seq3'"),
-    ("missing_column", "no column 'scale'"),
+    ("missing_column", "no column 'direction'"),
 ])
 def test_a_bad_labels_csv_is_refused(tmp_path, case, expected):
     shapes_tree(tmp_path / "src", count=4)
@@ -218,7 +218,7 @@ def test_a_bad_labels_csv_is_refused(tmp_path, case, expected):
     with open(tmp_path / "labels.csv", "w", newline="") as handle:
         csv.writer(handle).writerows(rows)
     result = run("prepare", "frames", "--source", tmp_path / "src", "--out", tmp_path / "prep",
-                 "--labels", tmp_path / "labels.csv", "--static", "shape,colour", "--dynamic", "direction,scale")
+                 "--labels", tmp_path / "labels.csv", "--static", "shape,colour,large_side", "--dynamic", "direction")
     assert_refused(result, expected, tmp_path / "prep")
 
 
