@@ -436,7 +436,7 @@ def test_eval_every_holds_out_a_validation_split_logs_its_score_and_keeps_the_be
     assert [r["step"] for r in scored] == [2, 4, 6]                        # 58 sequences, batch 16
     for record in scored:
         accuracies = [v for k, v in record["validation"].items() if k != "score"]
-        assert set(record["validation"]) == {"s/shape", "s/colour", "z/direction", "z/scale", "score"}
+        assert set(record["validation"]) == {"s/shape", "s/colour", "s/large_side", "z/direction", "score"}
         assert record["validation"]["score"] == pytest.approx(np.mean(accuracies), abs=1e-4)
         assert record["minutes"] >= 0
     best = max(scored, key=lambda r: r["validation"]["score"])             # the first of equal ones
