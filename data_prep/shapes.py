@@ -44,6 +44,7 @@ def render(count: int, seed: int, size: int = 32, frames: int = 8):
     if size < 16:
         raise ValueError(f"frame size must be at least 16 pixels, got {size}")
     rng = np.random.default_rng(seed)
+    # drawn in the order of the earlier labels (the size trend fourth), so a seed gives the same videos
     shape, colour = rng.integers(0, len(SHAPES), count), rng.integers(0, len(COLOURS), count)
     direction, shrinking = rng.integers(0, len(DIRECTIONS), count), rng.integers(0, 2, count)
     y_centre = rng.integers(round(0.3 * size), round(0.7 * size) + 1, count).astype(float)
