@@ -1285,9 +1285,11 @@ CPU_VIDEO = dict(static_dim=64, dynamic_dim=16, feature_dim=128, hidden_dim=128,
 PRESETS = {
     # The built-in procedural dataset, sized to train in minutes on a laptop CPU. Ours: q(s|x) reads
     # the frames order-free (the bidirectional LSTM's z kept the side where the shape is largest,
-    # a static factor: bench/RESULTS.md, twenty-ninth session).
+    # a static factor), and Sprites' two learned critics of I(z;s) weigh in from step 500 (more of
+    # the generations keep every static factor, two seeds: bench/RESULTS.md, twenty-ninth session).
     "shapes": dict(static_dim=16, dynamic_dim=8, feature_dim=64, hidden_dim=64, conv_width=16,
-                   alpha=1.0, beta=10.0, gamma=1.0, lr=2e-3, batch_size=64, epochs=40, static_pool="mean"),
+                   alpha=1.0, beta=10.0, gamma=1.0, lr=2e-3, batch_size=64, epochs=40, static_pool="mean",
+                   club=10.0, pair_critic=10.0, club_start=500),
     # Stochastic Moving MNIST at CPU scale (32x32 frames, 15 frames), about 30 s an epoch on
     # 2 CPU cores.
     "sm-mnist": dict(static_dim=32, dynamic_dim=8, feature_dim=64, hidden_dim=64, conv_width=16,
