@@ -68,6 +68,8 @@ Where the paper, the released code and this file differ (so that no reader has t
                                                                              by what they show (SM-MNIST);
                                                                              --whole-pixels (ours): decode
                                                                              draws them at whole pixels;
+                                                                             --glyph-dynamic (ours): z_t
+                                                                             feeds their drawing too;
                                                                              --static-pool mean (ours; the
                                                                              shapes preset): q(s|x)
                                                                              order-free, a mean over frames
@@ -142,6 +144,8 @@ class Config:
                                       # ours, "mean": order-free (StaticPosterior)
     glyphs: int = 0                   # ours, not the paper's: K > 0: s draws K glyphs that z_t places
                                       # (GlyphDecoder) and q(s|x, z) reads them there (GlimpseStaticPosterior)
+    glyph_dynamic: bool = False       # ours, with glyphs: z_t feeds the drawing of its frame's glyphs too, not only
+                                      # their places (the paper's p(x_t|z_t,s): z_t may change what is drawn)
     explain_away: bool = False        # ours, with glyphs: q(s|x, z) reads each glyph's glimpses beside the
                                       # other glyphs as a first reading draws them (CDSVAE.static_inputs)
     motion_aug: bool = True           # off: I(z;x) by MWS instead of contrastive
@@ -1117,7 +1121,9 @@ class GlyphDecoder(nn.Module):
         self.frame = cfg.frame_shape
         self.glyph_size = cfg.frame_shape[1] // 2
         self.glyph_shape = (cfg.frame_shape[0], self.glyph_size, self.glyph_size)
-        layers = [nn.Linear(cfg.static_dim // cfg.glyphs, 2 * width * 16), nn.Unflatten(1, (2 * width, 4, 4)),
+        self.dynamic_glyphs = cfg.glyph_dynamic
+        inputs = cfg.static_dim // cfg.glyphs + (cfg.dynamic_dim if cfg.glyph_dynamic else 0)
+        layers = [nn.Linear(inputs, 2 * width * 16), nn.Unflatten(1, (2 * width, 4, 4)),
                   nn.BatchNorm2d(2 * width), nn.LeakyReLU(0.2)]
         size, channels = 4, 2 * width
         while size < self.glyph_size // 2:
@@ -1137,18 +1143,27 @@ class GlyphDecoder(nn.Module):
 
     def sequence(self, static, dynamic, order=None, whole_pixels: bool = False):   # -> (B, T, C, H, W) logits
         """The frames of B sequences (s (B, Ds), z (B, T, Dz)): each s draws its K glyphs once (they
-        are the same in every frame), z_t places them in each frame; ``order`` (B, T, K) or None as
-        in ``forward``; ``whole_pixels`` as in ``moved``."""
+        are the same in every frame; with ``cfg.glyph_dynamic`` each frame draws its own from s and
+        z_t), z_t places them in each frame; ``order`` (B, T, K) or None as in ``forward``;
+        ``whole_pixels`` as in ``moved``."""
         B, T = dynamic.shape[:2]
-        glyphs = self.drawn(static).view(B, 1, self.slots, *self.glyph_shape).expand(B, T, -1, -1, -1, -1)
+        if self.dynamic_glyphs:                  # cfg.glyph_dynamic: every frame draws its own glyphs
+            glyphs = self.drawn(static[:, None].expand(B, T, -1).flatten(0, 1), dynamic.flatten(0, 1))
+            glyphs = glyphs.view(B, T, self.slots, *self.glyph_shape)
+        else:
+            glyphs = self.drawn(static).view(B, 1, self.slots, *self.glyph_shape).expand(B, T, -1, -1, -1, -1)
         with torch.autocast(static.device.type, enabled=False):
             placed = self.moved(glyphs.flatten(0, 2), dynamic.flatten(0, 1).float(),
                                 None if order is None else order.flatten(0, 1), whole_pixels)
             return self.union(placed).view(B, T, *self.frame)
 
-    def drawn(self, static):
-        """(N K, C, g, g): the K glyphs of each s (N, Ds), as pixel probabilities in fp32."""
-        glyph_logits = self.glyph(static.reshape(len(static) * self.slots, -1))
+    def drawn(self, static, dynamic=None):
+        """(N K, C, g, g): the K glyphs of each s (N, Ds), as pixel probabilities in fp32; with
+        ``cfg.glyph_dynamic`` each glyph reads its frame's z_t (N, Dz) beside its part of s."""
+        parts = static.reshape(len(static) * self.slots, -1)
+        if self.dynamic_glyphs:
+            parts = torch.cat([parts, dynamic.repeat_interleave(self.slots, 0).to(parts.dtype)], 1)
+        glyph_logits = self.glyph(parts)
         with torch.autocast(static.device.type, enabled=False):
             return torch.sigmoid(glyph_logits.float())
 
@@ -2454,6 +2469,8 @@ def check_config(cfg: Config) -> None:
     if cfg.glyph_distort < 0 or (cfg.glyph_distort and (not cfg.glyphs or cfg.explain_away)):
         raise UserError(f"--glyph-distort {cfg.glyph_distort}: expected 0 or more, and above 0 only with "
                         "--glyphs K and without --explain-away")
+    if cfg.glyph_dynamic and (not cfg.glyphs or cfg.explain_away):
+        raise UserError("--glyph-dynamic lets z_t draw the glyphs; expected --glyphs K and no --explain-away with it")
     if cfg.explain_away and cfg.glyphs < 2:
         raise UserError(f"--explain-away shows each glyph the other glyphs; expected --glyphs 2 or more with it, got {cfg.glyphs}")
     if cfg.glyphs:
@@ -2804,6 +2821,7 @@ def train_command(
     content_half: Optional[bool] = typer.Option(None, "--content-half/--no-content-half", help="Ours, not the paper's: the content view of I(s;x) is the shuffled or reversed video's first half (with --glyphs the shuffled video's s is x's own, half the frames give another; default: the preset's)."),
     glyph_contrast: Optional[bool] = typer.Option(None, "--glyph-contrast/--no-glyph-contrast", help="Ours, with --glyphs: I(s;x)'s InfoNCE compares each glyph's part of s with every glyph's part in the batch (default: the preset's)."),
     glyph_distort: Optional[float] = typer.Option(None, help="Ours, with --glyphs: above 0, I(s;x)'s content view reads each glyph turned (up to 15 degrees), scaled (10%) and sheared (0.15), the ranges times this (default: the preset's)."),
+    glyph_dynamic: Optional[bool] = typer.Option(None, "--glyph-dynamic/--no-glyph-dynamic", help="Ours, with --glyphs: z_t feeds the drawing of its frame's glyphs, not only their places, as the paper's p(x_t|z_t,s) lets it (default: the preset's)."),
     whole_pixels: Optional[bool] = typer.Option(None, "--whole-pixels/--no-whole-pixels", help="Ours, with --glyphs: the frames the model draws (generations, swaps, reconstructions) have each glyph at the nearest whole pixel, as the data's digits are; the ELBO is unchanged (default: the preset's)."),
     frame_size: Optional[int] = typer.Option(None, help="Frame height/width for generated datasets."),
     seed: int = typer.Option(0),
@@ -2844,7 +2862,7 @@ def train_command(
                                          mi_rollout=mi_rollout, static_pool=static_pool, content_flip=content_flip, motion_grad=motion_grad,
                                          explain_away=explain_away, whole_pixels=whole_pixels,
                                          content_half=content_half, glyph_contrast=glyph_contrast,
-                                         glyph_distort=glyph_distort).items() if v is not None}
+                                         glyph_distort=glyph_distort, glyph_dynamic=glyph_dynamic).items() if v is not None}
         cfg = Config(**{**preset(dataset.name, scale), **overrides, **choices}, frame_shape=dataset.frame_shape,
                      frames=dataset.train.sequences.shape[1], mi=mi, content_aug=content_aug,
                      motion_aug=motion_aug, seed=seed)

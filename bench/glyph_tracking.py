@@ -226,6 +226,8 @@ def main():
         fail(str(error))
     if not model.cfg.glyphs:
         fail(f"{args.ckpt} has no glyphs; expected a checkpoint trained with --glyphs K")
+    if model.cfg.glyph_dynamic:
+        fail(f"{args.ckpt} draws its glyphs from z_t too (--glyph-dynamic); expected one whose glyphs s alone draws")
     try:
         pools = sm_mnist.digit_pools(args.data_dir)
     except sm_mnist.MnistError as error:

@@ -64,3 +64,22 @@ def test_split_statics_gives_samples_or_the_encoders_unrefined_means(load_bench)
     np.testing.assert_allclose(test_means, expected[:3], rtol=1e-5, atol=1e-6)
     train_samples, _ = bench.split_statics(model, sequences, sequences[:3])
     assert train_samples.shape == (5, 8) and np.abs(train_samples - train_means).max() > 1e-2
+
+
+def test_probe_ceiling_pairs_are_order_free_and_clean_codes_are_read_whole(load_bench):
+    """bench/probe_ceiling.py: synthetic s is two parts, each its digit's centre plus sigma noise,
+    in random order, labelled by the smaller and the larger digit; with no noise the package's
+    probe and the shared linear reading are perfect, and with more noise both read less."""
+    bench = load_bench("probe_ceiling")
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((10, 4))
+    s, low, high = bench.synthetic_pairs(200, 0.0, centres, rng)
+    parts = s.reshape(200, 2, 4)
+    digits = [[int(np.argmin(np.abs(centres - part).sum(1))) for part in pair] for pair in parts]
+    assert [min(d) for d in digits] == low.tolist() and [max(d) for d in digits] == high.tolist()
+    first_is_low = np.array([d[0] == min(d) for d in digits])[low != high]
+    assert 0.3 < first_is_low.mean() < 0.7                        # no fixed order of the parts
+    clean = bench.ceiling(0.0, part_dim=8, train=1000, test=300)
+    noisy = bench.ceiling(3.0, part_dim=8, train=1000, test=300)
+    assert all(clean[key] == pytest.approx(1.0) for key in ("s_static", "linear_per_part", "set_probe", "set_probe_both"))
+    assert noisy["s_static"] < 0.8 and noisy["linear_per_part"] < 0.9 and noisy["set_probe"] < 0.9

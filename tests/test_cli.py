@@ -289,6 +289,13 @@ def test_a_bad_static_pool_is_a_one_line_error_and_nothing_is_written(tmp_path, 
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("args", [["--glyph-dynamic"], ["--glyphs", 2, "--static-pool", "lstm", "--glyph-dynamic", "--explain-away"]])
+def test_glyph_dynamic_without_glyphs_or_with_explain_away_is_a_one_line_error_and_nothing_is_written(tmp_path, args):
+    assert_user_error(run("train", *args, "--epochs", 1, "--out", tmp_path / "run"),
+                      "--glyph-dynamic lets z_t draw the glyphs; expected --glyphs K and no --explain-away")
+    assert not (tmp_path / "run").exists()
+
+
 def test_glyph_distort_without_glyphs_is_a_one_line_error_and_nothing_is_written(tmp_path):
     assert_user_error(run("train", "--glyph-distort", 1, "--epochs", 1, "--out", tmp_path / "run"),
                       "--glyph-distort 1.0: expected 0 or more, and above 0 only with --glyphs K")

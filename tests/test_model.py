@@ -344,24 +344,52 @@ def test_a_sequence_draws_its_glyphs_once_as_every_frame_would():
             torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_glyph_frames_are_the_union_of_the_glyphs_drawn_at_their_centres():
-    """p = 1 - (1 - p_background) prod_k (1 - p_k), each p_k glyph k (drawn from s's k-th part)
-    moved to the k-th centre of z_t, written out pixel by pixel with one window per glyph."""
+@pytest.mark.parametrize("glyph_dynamic", [False, True])
+def test_glyph_frames_are_the_union_of_the_glyphs_drawn_at_their_centres(glyph_dynamic):
+    """p = 1 - (1 - p_background) prod_k (1 - p_k), each p_k glyph k (drawn from s's k-th part, and
+    with ``glyph_dynamic`` from z_t beside it) moved to the k-th centre of z_t, written out pixel
+    by pixel with one window per glyph."""
     torch.manual_seed(0)
-    cfg = glyph_config()
+    cfg = glyph_config(glyph_dynamic=glyph_dynamic)
     decoder = cdsvae.GlyphDecoder(cfg).eval()
     nn.init.zeros_(decoder.where.weight)
     with torch.no_grad():
         decoder.where.bias.copy_(torch.tensor([-0.25, -0.25, 0.125, 0.25]).mul(2).atanh())  # whole pixels
         latent = torch.randn(4, cfg.static_dim + cfg.dynamic_dim)
         probability = torch.sigmoid(decoder(latent)).double()
-        glyphs = torch.sigmoid(decoder.glyph(latent[:, :6].reshape(8, 3))).view(4, 2, 1, 16, 16).double()
+        inputs = [latent[:, 3 * k:3 * k + 3] for k in range(2)]
+        if glyph_dynamic:
+            inputs = [torch.cat([part, latent[:, 6:]], 1) for part in inputs]
+        glyphs = torch.sigmoid(torch.stack([decoder.glyph(part) for part in inputs], 1)).view(4, 2, 1, 16, 16).double()
     background = torch.sigmoid(decoder.background).item()
     expected = torch.full((4, 1, 32, 32), 1 - background, dtype=torch.float64)
     for k, (left, top) in enumerate([(4, 4), (10, 12)]):          # centre c: top-left 16 + 16 c - 8
         window = expected[:, :, top:top + 16, left:left + 16]
         window *= 1 - glyphs[:, k] * (1 - 1e-6)
     torch.testing.assert_close(probability, 1 - expected, atol=2e-5, rtol=1e-4)
+    if glyph_dynamic:                   # the places held (where: zero weights), z_t changes what is drawn
+        same_places_other_z = latent.clone()
+        same_places_other_z[:, 6:] += 1.0
+        with torch.no_grad():
+            assert not torch.allclose(decoder(same_places_other_z), decoder(latent), atol=1e-3)
+
+
+def test_with_glyph_dynamic_each_frame_draws_its_glyphs_from_its_own_z():
+    """``GlyphDecoder.sequence`` with ``glyph_dynamic``: frame t of a sequence is the frame that
+    [s, z_t] alone draws (glyphs from [s_k, z_t]), and changing z at one step changes that frame only."""
+    torch.manual_seed(0)
+    cfg = glyph_config(glyph_dynamic=True)
+    decoder = cdsvae.GlyphDecoder(cfg).eval()
+    static, dynamic = torch.randn(3, cfg.static_dim), torch.randn(3, 4, cfg.dynamic_dim)
+    with torch.no_grad():
+        frames = decoder.sequence(static, dynamic)
+        for t in range(4):
+            torch.testing.assert_close(frames[:, t], decoder(torch.cat([static, dynamic[:, t]], 1)), rtol=1e-5, atol=1e-5)
+        changed = dynamic.clone()
+        changed[:, 2] += 1.0
+        other = decoder.sequence(static, changed)
+    torch.testing.assert_close(other[:, [0, 1, 3]], frames[:, [0, 1, 3]])
+    assert not torch.allclose(other[:, 2], frames[:, 2], atol=1e-3)
 
 
 def test_glyphs_are_matched_to_the_places_by_what_the_glimpses_show():
@@ -410,7 +438,8 @@ def test_the_glyph_order_draws_each_glyph_at_its_matched_place():
     assert cdsvae.CDSVAE(small_config()).eval().encode(torch.rand(2, 5, 3, 16, 16)).glyph_order is None
 
 
-@pytest.mark.parametrize("options", [{}, {"explain_away": True, "motion_grad": False}, {"glyph_distort": 1.0}])
+@pytest.mark.parametrize("options", [{}, {"explain_away": True, "motion_grad": False}, {"glyph_distort": 1.0},
+                                     {"glyph_dynamic": True}])
 def test_glyph_model_trains_every_parameter_swaps_samples_and_reloads(tmp_path, options):
     torch.manual_seed(0)
     model = cdsvae.CDSVAE(glyph_config(**options))
