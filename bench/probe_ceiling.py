@@ -19,12 +19,13 @@ import sys
 from pathlib import Path
 
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
-from set_probe import set_probe_accuracy  # noqa: E402   (before cdsvae, whose imports reset sys.path)
 
-import cdsvae  # noqa: E402
+import cdsvae  # noqa: E402   (before this folder is on the path: bench/kernels.py would shadow the kernels package)
+
+sys.path.append(str(Path(__file__).resolve().parent))
+from set_probe import set_probe_accuracy  # noqa: E402   (beside this file)
 
 
 def synthetic_pairs(count: int, sigma: float, centres: np.ndarray, rng: np.random.Generator):
@@ -36,7 +37,7 @@ def synthetic_pairs(count: int, sigma: float, centres: np.ndarray, rng: np.rando
 
 
 def ceiling(sigma: float, part_dim: int = 32, train: int = 7000, test: int = 2000, seed: int = 0) -> dict:
-    """The package's probe and the shared linear per-part reading of synthetic pairs at ``sigma``."""
+    """The package's probe and both set probes (linear, one hidden layer) on synthetic pairs at ``sigma``."""
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((10, part_dim))
     train_s, train_low, train_high = synthetic_pairs(train, sigma, centres, rng)
