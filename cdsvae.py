@@ -1745,15 +1745,32 @@ def judged_generations(model: CDSVAE, judge: Judge, static: np.ndarray, dynamic:
 
 
 @torch.no_grad()
+def judged_samples(model: CDSVAE, judge: Judge, count: int, frames: int, device, seed: int = 0,
+                   batch_size: int = 256) -> dict:
+    """The judge's class probabilities, per factor (count, classes), of ``count`` sequences with
+    both latents drawn from their priors (s ~ p(s), z_1:T ~ p(z), eq. 1): what ``cdsvae sample``
+    draws. Its own generator (``seed``), so the fixed-factor protocols' draws stay as they were."""
+    model.eval()
+    generator = torch.Generator(device=device).manual_seed(seed)
+    batches = [judge_probabilities(judge, generate(model, batch=min(batch_size, count - start), frames=frames,
+                                                   generator=generator))
+               for start in range(0, count, batch_size)]
+    return {f: np.concatenate([b[f] for b in batches]) for f in judge.classes}
+
+
+@torch.no_grad()
 def evaluate(model: CDSVAE, judge: Judge, data: Dataset, device, repeat: int = 1, seed: int = 0,
-             batch_size: int = 256) -> dict:
+             batch_size: int = 256, sampled: bool = True) -> dict:
     """The paper's protocol on the test split, ``repeat`` sampling rounds (mean and spread).
 
     - fixed dynamic: z_1:T from the posterior (mean), s ~ p(s); the judge scores the dynamic
       factors (Acc against the source's labels, and IS, H(y|x), H(y) of its predictions);
     - fixed static: s from the posterior (mean), z_1:T ~ p(z); the judge scores the static factors;
     - swap: s of each test sequence with z of another; Acc of the static factors against the
-      static source and of the dynamic factors against the dynamic source.
+      static source and of the dynamic factors against the dynamic source;
+    - ``sampled`` (ours; the paper scores only fixed-factor generations): as many sequences as the
+      test split, s and z_1:T both from their priors (``judged_samples``, what ``cdsvae sample``
+      draws); no labels to score against, so IS, H(y|x) and H(y) of every factor, over all of them.
     Acc is over every generation of the test split; IS, H(y|x) and H(y) over a class-balanced
     selection of them (``balanced_selection`` of the labels Acc is scored against). With two or
     more static factors, ``all_static`` is the share of fixed-static and swap generations whose
@@ -1761,7 +1778,7 @@ def evaluate(model: CDSVAE, judge: Judge, data: Dataset, device, repeat: int = 1
     The test split is encoded once (the posterior means, refined as ``encode`` refines them);
     every round draws from those.
     """
-    rounds, joint_rounds = [], []
+    rounds, joint_rounds, sampled_rounds = [], [], []
     static_factors = [f for f, kind in judge.kinds.items() if kind == "static"]
     labels = {f: np.asarray(data.test.labels[f]) for f in judge.classes}
     static, dynamic = encode_split(model, data.test.sequences, device, sample=False, batch_size=batch_size)
@@ -1784,14 +1801,27 @@ def evaluate(model: CDSVAE, judge: Judge, data: Dataset, device, repeat: int = 1
                                               "h_y": entropy_y(balanced)}
         rounds.append(result)
         joint_rounds.append(joint)
-    summary = {}
-    for key in rounds[0]:
-        summary[key] = {metric: {"mean": float(np.mean([r[key][metric] for r in rounds])),
-                                 "std": float(np.std([r[key][metric] for r in rounds]))}
-                        for metric in rounds[0][key]}
+        if sampled:      # a generator of its own, apart from the fixed-factor protocols' draws
+            probabilities = judged_samples(model, judge, len(static), dynamic.shape[1], device,
+                                           SAMPLED_SEED + seed + round_index, batch_size)
+            sampled_rounds.append({factor: {"is": inception_score(p), "h_yx": entropy_yx(p), "h_y": entropy_y(p)}
+                                   for factor, p in probabilities.items()})
+    summary, prior_samples = spread(rounds), spread(sampled_rounds) if sampled else {}
     all_static = {name: {"mean": float(np.mean([r[name] for r in joint_rounds])),
                          "std": float(np.std([r[name] for r in joint_rounds]))} for name in joint_rounds[0]}
-    return {"rounds": repeat, "results": summary, **({"all_static": all_static} if all_static else {})}
+    return {"rounds": repeat, "results": summary, **({"all_static": all_static} if all_static else {}),
+            **({"sampled": prior_samples} if sampled else {})}
+
+
+SAMPLED_SEED = 7919      # offsets the seed of ``evaluate``'s sampled protocol from the fixed-factor draws'
+
+
+def spread(rounds: list) -> dict:
+    """Per key and metric of the rounds' results (key -> metric -> value): mean and std over rounds."""
+    return {key: {metric: {"mean": float(np.mean([r[key][metric] for r in rounds])),
+                           "std": float(np.std([r[key][metric] for r in rounds]))}
+                  for metric in rounds[0][key]}
+            for key in rounds[0]}
 
 
 def evaluation_table(report: dict) -> str:
@@ -1801,6 +1831,9 @@ def evaluation_table(report: dict) -> str:
         lines.append(f"| {key} | {cells} |")
     for name, acc in report.get("all_static", {}).items():
         lines.append(f"| {name}/all static factors right | {acc['mean']:.3f} ± {acc['std']:.3f} | | | |")
+    for factor, metrics in report.get("sampled", {}).items():     # no labels: no Acc
+        cells = " | ".join(f"{metrics[m]['mean']:.3f} ± {metrics[m]['std']:.3f}" for m in ("is", "h_yx", "h_y"))
+        lines.append(f"| sampled/{factor} | - | {cells} |")
     return "\n".join(lines)
 
 
@@ -2427,7 +2460,7 @@ def validation_score(model: CDSVAE, data: Dataset, index: np.ndarray, device, ju
     """
     split = Split(np.asarray(data.train.sequences[index]), {f: np.asarray(v)[index] for f, v in data.train.labels.items()})
     if judge is not None:
-        report = evaluate(model, judge, Dataset(data.name, split, split, data.kinds, data.classes), device)
+        report = evaluate(model, judge, Dataset(data.name, split, split, data.kinds, data.classes), device, sampled=False)
         accuracy = {key: value["acc"]["mean"] for key, value in report["results"].items()
                     if not key.startswith("swap/")}
     else:

@@ -37,9 +37,11 @@ def evaluate_toy(monkeypatch, judge, videos, labels, encode, decode, static_dim,
     split = cdsvae.Split(videos, labels)
     toy = cdsvae.Dataset("toy", split, split, judge.kinds, judge.classes)
     monkeypatch.setattr(cdsvae, "to_frames", lambda seq, device: torch.as_tensor(np.array(seq)).permute(0, 1, 4, 2, 3))
-    monkeypatch.setattr(cdsvae, "generate", lambda model, static=None, dynamic=None, **kw:
-                        model.decode(static if static is not None else torch.zeros(dynamic.shape[0], static_dim),
-                                     dynamic if dynamic is not None else torch.zeros(static.shape[0], 3, 1)))
+    def generate(model, static=None, dynamic=None, batch=1, frames=None, generator=None):
+        batch = static.shape[0] if static is not None else dynamic.shape[0] if dynamic is not None else batch
+        return model.decode(static if static is not None else torch.zeros(batch, static_dim),
+                            dynamic if dynamic is not None else torch.zeros(batch, frames or 3, 1))
+    monkeypatch.setattr(cdsvae, "generate", generate)
     return cdsvae.evaluate(Model(), judge, toy, "cpu", **options)
 
 
@@ -74,6 +76,57 @@ def test_judge_learns_the_shapes_factors_and_eval_reports_the_protocol(tmp_path)
         assert math.log(score) == pytest.approx(h_y - h_yx, abs=1e-6), key
         assert h_y <= math.log(classes) + 1e-9 and score <= classes + 1e-9, key
     assert "| fixed_dynamic/direction |" in cdsvae.evaluation_table(report)
+    # the sampled protocol: every factor of sequences drawn from both priors, with its own
+    # generator, so the fixed-factor protocols draw what they drew without it
+    assert set(report["sampled"]) == set(judge.classes)
+    without = cdsvae.evaluate(model, judge, data, "cpu", repeat=1, sampled=False)
+    assert without["results"] == single["results"] and "sampled" not in without
+    assert "| sampled/shape | - |" in cdsvae.evaluation_table(single)
+    generator = torch.Generator().manual_seed(cdsvae.SAMPLED_SEED)    # round 0 of seed 0: one batch here
+    with torch.no_grad():
+        frames = model.decode(cdsvae.sample_static(model, 48, generator),
+                              cdsvae.sample_dynamic(model, 48, cfg.frames, generator))
+        direct = cdsvae.judge_probabilities(judge, frames)
+    for factor, p in direct.items():
+        assert single["sampled"][factor]["is"]["mean"] == pytest.approx(cdsvae.inception_score(p), rel=1e-6)
+        assert single["sampled"][factor]["h_yx"]["mean"] == pytest.approx(cdsvae.entropy_yx(p), abs=1e-6)
+        assert single["sampled"][factor]["h_y"]["mean"] == pytest.approx(cdsvae.entropy_y(p), abs=1e-6)
+
+
+def test_sampled_protocol_scores_what_the_priors_draw(monkeypatch):
+    """A stand-in whose prior draws show colours 0, 1, 2 in turn and always direction 1: a perfect
+    judge then finds H(y|x) 0, H(y) log 3 and IS 3 for the colour, and IS 1 for the direction."""
+    class Oracle(torch.nn.Module):
+        def forward(self, x):
+            pixels = x[:, 0, 0, 0].long()
+            return {"colour": torch.nn.functional.one_hot(pixels[:, 6], 6).float() * 50,
+                    "direction": torch.nn.functional.one_hot(pixels[:, 7], 2).float() * 50}
+
+    judge = Oracle()
+    judge.classes = {"colour": shapes.COLOURS, "direction": shapes.DIRECTIONS}
+    judge.kinds = {"colour": "static", "direction": "dynamic"}
+    judge.eval = lambda: judge
+
+    def encode(x):
+        return SimpleNamespace(static_mean=x[:, 0, 0, 0, 6:7], dynamic_mean=x[:, :, 0, 0, 7:8])
+
+    def decode(static, dynamic):
+        frames = torch.zeros(static.shape[0], dynamic.shape[1], 1, 16, 16)
+        drawn_from_prior = not static.any() and not dynamic.any()       # the stand-in's priors draw zeros
+        frames[:, :, 0, 0, 6] = (torch.arange(static.shape[0]) % 3)[:, None] if drawn_from_prior else static[:, :1]
+        frames[:, :, 0, 0, 7] = 1.0 if drawn_from_prior else dynamic[..., 0]
+        return frames
+
+    n = 30
+    videos = np.zeros((n, 3, 16, 16, 1), np.float32)
+    labels = {"colour": np.arange(n) % 6, "direction": np.arange(n) % 2}
+    videos[:, :, 0, 6, 0], videos[:, :, 0, 7, 0] = labels["colour"][:, None], labels["direction"][:, None]
+    report = evaluate_toy(monkeypatch, judge, videos, labels, encode, decode, 1, repeat=2)
+    colour, direction = report["sampled"]["colour"], report["sampled"]["direction"]
+    assert colour["h_yx"]["mean"] == pytest.approx(0.0, abs=1e-6) and colour["h_y"]["mean"] == pytest.approx(math.log(3))
+    assert colour["is"] == {"mean": pytest.approx(3.0), "std": pytest.approx(0.0, abs=1e-9)}
+    assert direction["is"]["mean"] == pytest.approx(1.0) and direction["h_y"]["mean"] == pytest.approx(0.0, abs=1e-6)
+    assert "| sampled/colour | - | 3.000 ± 0.000 | 0.000 ± 0.000 | 1.099 ± 0.000 |" in cdsvae.evaluation_table(report)
 
 
 def test_swap_accuracy_of_a_judge_is_checked_against_the_right_sources(monkeypatch):
