@@ -45,6 +45,26 @@ def evaluate_toy(monkeypatch, judge, videos, labels, encode, decode, static_dim,
     return cdsvae.evaluate(Model(), judge, toy, "cpu", **options)
 
 
+def colour_direction_judge():
+    """A perfect judge: each frame carries its colour in pixel (0, 6), its direction in (0, 7)."""
+    class Oracle(torch.nn.Module):
+        def forward(self, x):
+            pixels = x[:, 0, 0, 0].long()
+            return {"colour": torch.nn.functional.one_hot(pixels[:, 6], 6).float() * 50,
+                    "direction": torch.nn.functional.one_hot(pixels[:, 7], 2).float() * 50}
+
+    judge = Oracle()
+    judge.classes = {"colour": shapes.COLOURS, "direction": shapes.DIRECTIONS}
+    judge.kinds = {"colour": "static", "direction": "dynamic"}
+    judge.eval = lambda: judge
+    return judge
+
+
+def colour_direction_means(x):
+    """The posterior means of a stand-in model for ``colour_direction_judge``'s sequences."""
+    return SimpleNamespace(static_mean=x[:, 0, 0, 0, 6:7], dynamic_mean=x[:, :, 0, 0, 7:8])
+
+
 def test_judge_learns_the_shapes_factors_and_eval_reports_the_protocol(tmp_path):
     data = small_data()
     accuracy = cdsvae.train_judge(data, "cpu", epochs=40, out=tmp_path / "judge.pt", show_progress=False)
@@ -96,20 +116,6 @@ def test_judge_learns_the_shapes_factors_and_eval_reports_the_protocol(tmp_path)
 def test_sampled_protocol_scores_what_the_priors_draw(monkeypatch):
     """A stand-in whose prior draws show colours 0, 1, 2 in turn and always direction 1: a perfect
     judge then finds H(y|x) 0, H(y) log 3 and IS 3 for the colour, and IS 1 for the direction."""
-    class Oracle(torch.nn.Module):
-        def forward(self, x):
-            pixels = x[:, 0, 0, 0].long()
-            return {"colour": torch.nn.functional.one_hot(pixels[:, 6], 6).float() * 50,
-                    "direction": torch.nn.functional.one_hot(pixels[:, 7], 2).float() * 50}
-
-    judge = Oracle()
-    judge.classes = {"colour": shapes.COLOURS, "direction": shapes.DIRECTIONS}
-    judge.kinds = {"colour": "static", "direction": "dynamic"}
-    judge.eval = lambda: judge
-
-    def encode(x):
-        return SimpleNamespace(static_mean=x[:, 0, 0, 0, 6:7], dynamic_mean=x[:, :, 0, 0, 7:8])
-
     def decode(static, dynamic):
         frames = torch.zeros(static.shape[0], dynamic.shape[1], 1, 16, 16)
         drawn_from_prior = not static.any() and not dynamic.any()       # the stand-in's priors draw zeros
@@ -121,7 +127,8 @@ def test_sampled_protocol_scores_what_the_priors_draw(monkeypatch):
     videos = np.zeros((n, 3, 16, 16, 1), np.float32)
     labels = {"colour": np.arange(n) % 6, "direction": np.arange(n) % 2}
     videos[:, :, 0, 6, 0], videos[:, :, 0, 7, 0] = labels["colour"][:, None], labels["direction"][:, None]
-    report = evaluate_toy(monkeypatch, judge, videos, labels, encode, decode, 1, repeat=2)
+    report = evaluate_toy(monkeypatch, colour_direction_judge(), videos, labels, colour_direction_means, decode, 1,
+                          repeat=2)
     colour, direction = report["sampled"]["colour"], report["sampled"]["direction"]
     assert colour["h_yx"]["mean"] == pytest.approx(0.0, abs=1e-6) and colour["h_y"]["mean"] == pytest.approx(math.log(3))
     assert colour["is"] == {"mean": pytest.approx(3.0), "std": pytest.approx(0.0, abs=1e-9)}
@@ -132,22 +139,6 @@ def test_sampled_protocol_scores_what_the_priors_draw(monkeypatch):
 def test_swap_accuracy_of_a_judge_is_checked_against_the_right_sources(monkeypatch):
     """With a 'model' whose decode returns the static source's frames for the static factors and
     the dynamic source's for the dynamic ones, the swap accuracy is that of the judge itself."""
-    class Oracle(torch.nn.Module):
-        """A perfect judge: each frame carries its colour in pixel (0, 6), its direction in (0, 7)."""
-
-        def forward(self, x):
-            pixels = x[:, 0, 0, 0]
-            return {"colour": torch.nn.functional.one_hot(pixels[:, 6].long(), 6).float() * 50,
-                    "direction": torch.nn.functional.one_hot(pixels[:, 7].long(), 2).float() * 50}
-
-    judge = Oracle()
-    judge.classes = {"colour": shapes.COLOURS, "direction": shapes.DIRECTIONS}
-    judge.kinds = {"colour": "static", "direction": "dynamic"}
-    judge.eval = lambda: judge
-
-    def encode(x):
-        return SimpleNamespace(static_mean=x[:, 0, 0, 0, 6:7], dynamic_mean=x[:, :, 0, 0, 7:8])
-
     def decode(static, dynamic):
         frames = torch.zeros(static.shape[0], dynamic.shape[1], 1, 16, 16)
         frames[:, :, 0, 0, 6] = static[:, :1]
@@ -159,7 +150,8 @@ def test_swap_accuracy_of_a_judge_is_checked_against_the_right_sources(monkeypat
     colour, direction = np.arange(n) % 6, (np.arange(n) // 3) % 2
     videos = np.zeros((n, 3, 16, 16, 1), np.float32)
     videos[:, :, 0, 6, 0], videos[:, :, 0, 7, 0] = colour[:, None], direction[:, None]
-    report = evaluate_toy(monkeypatch, judge, videos, {"colour": colour, "direction": direction}, encode, decode, 1)
+    report = evaluate_toy(monkeypatch, colour_direction_judge(), videos, {"colour": colour, "direction": direction},
+                          colour_direction_means, decode, 1)
     assert report["results"]["swap/colour"]["acc"]["mean"] == 1.0
     assert report["results"]["swap/direction"]["acc"]["mean"] == 1.0
     assert report["results"]["fixed_dynamic/direction"]["acc"]["mean"] == 1.0
