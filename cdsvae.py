@@ -146,6 +146,8 @@ class Config:
                                       # (GlyphDecoder) and q(s|x, z) reads them there (GlimpseStaticPosterior)
     glyph_dynamic: bool = False       # ours, with glyphs: z_t feeds the drawing of its frame's glyphs too, not only
                                       # their places (the paper's p(x_t|z_t,s): z_t may change what is drawn)
+    static_prior: int = 0             # ours, not the paper's: K > 0: p(s) a mixture of K diagonal Gaussians
+                                      # learned with the model (StaticMixturePrior); 0: the paper's N(0, I)
     explain_away: bool = False        # ours, with glyphs: q(s|x, z) reads each glyph's glimpses beside the
                                       # other glyphs as a first reading draws them (CDSVAE.static_inputs)
     motion_aug: bool = True           # off: I(z;x) by MWS instead of contrastive
@@ -555,6 +557,32 @@ class DynamicPosterior(nn.Module):
                        self.head.bias, eps)
 
 
+class StaticMixturePrior(nn.Module):
+    """Ours, not the paper's (``cfg.static_prior`` = K): p(s) a mixture of K diagonal Gaussians
+    whose means, variances and weights are learned with the model, in place of eq. (1)'s
+    N(0, I). The training sequences' s form clusters (one per kind of content) that N(0, I) covers
+    unevenly, so many of its draws fall between them and decode to no clear content
+    (bench/RESULTS.md, thirty-first session); a learned mixture can put its mass where they are.
+    KL_s is then a one-sample estimate, log q(s|x) - log p(s) at the posterior's sample."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.means = nn.Parameter(torch.randn(cfg.static_prior, cfg.static_dim))
+        self.logvars = nn.Parameter(torch.zeros(cfg.static_prior, cfg.static_dim))
+        self.logits = nn.Parameter(torch.zeros(cfg.static_prior))
+
+    def log_prob(self, static):                                 # (B, Ds) -> (B,) log p(s)
+        per_component = log_gaussian(static.float()[:, None], self.means.float(), self.logvars.float()).sum(-1)
+        return torch.logsumexp(per_component + F.log_softmax(self.logits.float(), 0), dim=1)
+
+    def sample(self, batch: int, generator=None, device=None):
+        """s ~ p(s): a component by its weight, then its Gaussian."""
+        component = torch.multinomial(F.softmax(self.logits.detach(), 0).to(device), batch, replacement=True,
+                                      generator=generator)
+        noise = torch.randn(batch, self.means.shape[1], generator=generator, device=device)
+        return self.means.detach()[component] + torch.exp(0.5 * self.logvars.detach()[component]) * noise
+
+
 class DynamicPrior(nn.Module):
     """p(z_t | z_<t), eq. (1): a 2-layer LSTM fed the previous z (z_0 = 0) gives a Gaussian."""
 
@@ -642,6 +670,8 @@ class CDSVAE(nn.Module):
         self.static_posterior = GlimpseStaticPosterior(cfg) if cfg.glyphs else StaticPosterior(cfg)
         self.dynamic_posterior = DynamicPosterior(cfg)
         self.dynamic_prior = DynamicPrior(cfg)
+        if cfg.static_prior:
+            self.static_prior = StaticMixturePrior(cfg)
         if cfg.club > 0:
             self.static_from_dynamic = StaticFromDynamic(cfg)
         if cfg.pair_critic > 0:
@@ -842,17 +872,24 @@ class CDSVAE(nn.Module):
     def elbo_terms(self, x, posterior: Encoding) -> dict:
         """-log p(x|s, z) and the closed-form KL_s = KL(q(s|x) || N(0, I)) and KL_z =
         sum_t KL(q(z_t|.) || p(z_t|z_<t)), the prior teacher-forced with the posterior samples;
-        per sequence, averaged over the batch. Computed in fp32 also under bf16 autocast."""
+        per sequence, averaged over the batch. Computed in fp32 also under bf16 autocast. With
+        ``cfg.static_prior`` (ours) KL_s is log q(s|x) - log p(s) at the posterior's sample s."""
         prior_mean, prior_logvar = (v.float() for v in self.dynamic_prior(posterior.dynamic))
         logits = self.decode_logits(posterior.static, posterior.dynamic, posterior.glyph_order).float()
         q = posterior.gaussians(lambda v: v.float())
         B = x.shape[0]
         return {
             "recon": self.reconstruction_nll(logits, x.float()),
-            "kl_s": gaussian_kl(q.static_mean, q.static_logvar,
-                                torch.zeros_like(q.static_mean), torch.zeros_like(q.static_logvar)).sum() / B,
+            "kl_s": self.static_kl(posterior.static.float(), q.static_mean, q.static_logvar) / B,
             "kl_z": gaussian_kl(q.dynamic_mean, q.dynamic_logvar, prior_mean, prior_logvar).sum() / B,
         }
+
+    def static_kl(self, static, mean, logvar) -> torch.Tensor:
+        """KL(q(s|x) || p(s)) summed over the batch: closed form against eq. (1)'s N(0, I), or with
+        ``cfg.static_prior`` the one-sample estimate at ``static``, a sample of q(s|x)."""
+        if not self.cfg.static_prior:
+            return gaussian_kl(mean, logvar, torch.zeros_like(mean), torch.zeros_like(logvar)).sum()
+        return (log_gaussian(static, mean, logvar).sum(-1) - self.static_prior.log_prob(static)).sum()
 
     @property
     def distorts_glyphs(self) -> bool:
@@ -978,7 +1015,9 @@ def swap(model: CDSVAE, a, b):
 
 @torch.no_grad()
 def sample_static(model: CDSVAE, batch: int, generator=None, device=None):
-    """s ~ p(s) = N(0, I), eq. (1)."""
+    """s ~ p(s) = N(0, I), eq. (1), or with ``cfg.static_prior`` its learned mixture (ours)."""
+    if model.cfg.static_prior:
+        return model.static_prior.sample(batch, generator, device)
     return torch.randn(batch, model.cfg.static_dim, generator=generator, device=device)
 
 
@@ -2495,6 +2534,8 @@ def check_config(cfg: Config) -> None:
                         "and a positive step size")
     if not 0.0 < cfg.decay_fraction <= 1.0:
         raise UserError(f"--decay-fraction must be in (0, 1], got {cfg.decay_fraction}")
+    if cfg.static_prior < 0:
+        raise UserError(f"--static-prior {cfg.static_prior}: expected 0 (the paper's N(0, I)) or a number of components")
     if cfg.whole_pixels and not cfg.glyphs:
         raise UserError("--whole-pixels places glyphs; expected --glyphs K with it")
     if cfg.glyph_contrast and not cfg.glyphs:
@@ -2834,6 +2875,7 @@ def train_command(
     static_dim: Optional[int] = typer.Option(None), dynamic_dim: Optional[int] = typer.Option(None),
     feature_dim: Optional[int] = typer.Option(None), hidden_dim: Optional[int] = typer.Option(None),
     conv_width: Optional[int] = typer.Option(None),
+    static_prior: Optional[int] = typer.Option(None, help="Ours, not the paper's: K > 0: p(s) is a mixture of K diagonal Gaussians learned with the model (KL_s then a one-sample estimate), what sample and generate draw s from; 0: the paper's N(0, I) (default: the preset's)."),
     glyphs: Optional[int] = typer.Option(None, help="Ours, not the paper's: s draws K glyphs (of half the frame's size) that z_t places, and q(s|x, z) reads them where z_t puts them, matched to the places frame by frame (0: the DCGAN decoder and q(s|x); default: the preset's). For scenes of K objects that keep their look, like SM-MNIST's digits (K = 2)."),
     scale: Optional[str] = typer.Option(None, help="cpu: the settings our studies chose for 2 CPU cores; paper: the paper's widths (default: the dataset preset)."),
     likelihood: Optional[str] = typer.Option(None, help="Reconstruction term: gaussian (sum of squared errors) or bernoulli (cross-entropy on the decoder's logits; frames in [0, 1])."),
@@ -2884,11 +2926,11 @@ def train_command(
         overrides = {k: v for k, v in dict(
             epochs=epochs, batch_size=batch_size, lr=lr, alpha=alpha, alpha_static=alpha_static, beta=beta, gamma=gamma,
             club=club, pair_critic=pair_critic, club_start=club_start, tau=tau, static_dim=static_dim, dynamic_dim=dynamic_dim, feature_dim=feature_dim,
-            hidden_dim=hidden_dim, conv_width=conv_width, glyphs=glyphs, warmup_steps=warmup_steps,
+            hidden_dim=hidden_dim, conv_width=conv_width, glyphs=glyphs, static_prior=static_prior, warmup_steps=warmup_steps,
             decay_fraction=decay_fraction, refine_steps=refine_steps, refine_lr=refine_lr).items() if v is not None}
         for name, value in {**overrides, "time_budget": time_budget}.items():
             zero_allowed = name in ("alpha", "alpha_static", "beta", "gamma", "club", "pair_critic", "club_start",
-                                    "warmup_steps", "glyphs", "refine_steps")
+                                    "warmup_steps", "glyphs", "static_prior", "refine_steps")
             if value is not None and (value < 0 if zero_allowed else value <= 0):
                 raise UserError(f"--{name.replace('_', '-')} must be {'non-negative' if zero_allowed else 'positive'}, got {value}")
         choices = {k: v for k, v in dict(likelihood=likelihood, lr_schedule=lr_schedule, fresh_data=fresh_data,

@@ -5,8 +5,9 @@ cover that Gaussian unevenly (clusters, one per kind of content, with gaps betwe
 draws land between clusters and decode to something the judge cannot name. This diagnostic
 scores, with a judge, sequences whose z_1:T comes from its prior and whose s comes from
 
-- ``prior``: p(s) = N(0, I), what ``cdsvae sample`` and ``eval``'s sampled protocol draw;
-- ``prior at t``: N(0, t^2 I), the prior drawn cooler (``--temperatures``);
+- ``prior``: the model's p(s), what ``cdsvae sample`` and ``eval``'s sampled protocol draw: N(0, I),
+  or with ``--static-prior K`` its learned mixture;
+- ``prior at t``: N(0, t^2 I), the paper's prior drawn cooler (``--temperatures``);
 - ``fitted K``: a mixture of K diagonal Gaussians fitted ex post (EM, ``fit_mixture``) to the
   posterior means of s of the training split (Ghosh et al. 2020's ex-post density estimation);
   K 1 is a single Gaussian with the means' own mean and spread.
@@ -96,8 +97,10 @@ def prior_draws(model, judge, train_sequences, count: int, components, seed: int
     rows = {}
     for name, mixture in sources.items():
         generator = torch.Generator().manual_seed(seed)
-        if mixture is None or isinstance(mixture, float):
-            static = (1.0 if mixture is None else mixture) * torch.randn(count, model.cfg.static_dim, generator=generator)
+        if mixture is None:
+            static = cdsvae.sample_static(model, count, generator)
+        elif isinstance(mixture, float):
+            static = mixture * torch.randn(count, model.cfg.static_dim, generator=generator)
         else:
             static = draw_mixture(mixture, count, generator)
         dynamic = cdsvae.sample_dynamic(model, count, model.cfg.frames, generator)

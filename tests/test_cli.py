@@ -296,6 +296,14 @@ def test_glyph_dynamic_without_glyphs_or_with_explain_away_is_a_one_line_error_a
     assert not (tmp_path / "run").exists()
 
 
+def test_a_negative_static_prior_is_a_one_line_error_and_nothing_is_written(tmp_path):
+    assert_user_error(run("train", "--static-prior", -1, "--epochs", 1, "--out", tmp_path / "run"),
+                      "--static-prior must be non-negative, got -1")
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(cdsvae.UserError, match=r"--static-prior -2: expected 0 \(the paper's N\(0, I\)\)"):
+        cdsvae.check_config(cdsvae.Config(static_prior=-2))
+
+
 def test_glyph_distort_without_glyphs_is_a_one_line_error_and_nothing_is_written(tmp_path):
     assert_user_error(run("train", "--glyph-distort", 1, "--epochs", 1, "--out", tmp_path / "run"),
                       "--glyph-distort 1.0: expected 0 or more, and above 0 only with --glyphs K")

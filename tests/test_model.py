@@ -584,3 +584,31 @@ def test_refined_encodings_lower_the_negative_elbo_per_sequence_and_leave_the_we
     assert torch.equal(sampled.static, sampled_plain.static)
     assert all(torch.equal(value, weights[name]) for name, value in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_learned_mixture_prior_of_s_is_what_generation_draws_and_training_moves_it(tmp_path):
+    """``static_prior`` K (ours): sample_static draws a component by its weight, then its Gaussian;
+    the mixture's parameters get gradients from KL_s, are saved, and come back with the model."""
+    torch.manual_seed(0)
+    cfg = cdsvae.Config(frame_shape=(3, 16, 16), frames=4, static_dim=3, dynamic_dim=2, feature_dim=8,
+                        hidden_dim=8, conv_width=4, static_prior=2)
+    model = cdsvae.CDSVAE(cfg)
+    with torch.no_grad():
+        model.static_prior.means.copy_(torch.tensor([[5.0, 5.0, 5.0], [-5.0, 0.0, 5.0]]))
+        model.static_prior.logvars.fill_(math.log(0.01))
+        model.static_prior.logits.copy_(torch.tensor([math.log(0.8), math.log(0.2)]))
+    draws = cdsvae.sample_static(model, 4000, torch.Generator().manual_seed(0))
+    first = draws[:, 0] > 0
+    assert float(first.float().mean()) == pytest.approx(0.8, abs=0.02)
+    assert draws[first].mean(0).tolist() == pytest.approx([5.0, 5.0, 5.0], abs=0.01)
+    assert draws[~first].std(0).tolist() == pytest.approx([0.1, 0.1, 0.1], rel=0.1)
+    assert cdsvae.generate(model, batch=3, generator=torch.Generator().manual_seed(1)).shape == (3, 4, 3, 16, 16)
+    loss, _ = model(torch.rand(4, 4, 3, 16, 16))
+    loss.backward()
+    for name in ("means", "logvars", "logits"):
+        assert getattr(model.static_prior, name).grad.abs().sum() > 0, name
+    cdsvae.save_checkpoint(model, tmp_path / "m.pt")
+    loaded = cdsvae.load_checkpoint(tmp_path / "m.pt")
+    assert torch.equal(loaded.static_prior.means, model.static_prior.means)
+    assert torch.equal(cdsvae.sample_static(loaded, 5, torch.Generator().manual_seed(2)),
+                       cdsvae.sample_static(model, 5, torch.Generator().manual_seed(2)))

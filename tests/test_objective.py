@@ -3,7 +3,7 @@ import math
 
 import pytest
 import torch
-from torch.distributions import Normal, kl_divergence
+from torch.distributions import Categorical, Independent, MixtureSameFamily, Normal, kl_divergence
 
 import cdsvae
 
@@ -193,9 +193,16 @@ def direct_terms(model, x, content_view_order, motion_view, noise):
     static_content_mean = model.static_posterior(shuffled)[0]
     motion_mean = rollout(motion_features, motion_eps)[1]
     posterior_s = Normal(static_mean, torch.exp(0.5 * static_logvar))
+    if cfg.static_prior:      # ours: a learned mixture; KL_s at the posterior's sample
+        mixture = model.static_prior
+        prior_s = MixtureSameFamily(Categorical(logits=mixture.logits),
+                                    Independent(Normal(mixture.means, torch.exp(0.5 * mixture.logvars)), 1))
+        kl_s = float((Independent(posterior_s, 1).log_prob(static) - prior_s.log_prob(static)).sum()) / batch
+    else:
+        kl_s = float(kl_divergence(posterior_s, Normal(0.0, 1.0)).sum()) / batch
     return {
         "recon": float(((frames - x) ** 2).sum()) / batch,
-        "kl_s": float(kl_divergence(posterior_s, Normal(0.0, 1.0)).sum()) / batch,
+        "kl_s": kl_s,
         "kl_z": float(kl_divergence(Normal(dynamic_mean, torch.exp(0.5 * dynamic_logvar)),
                                     Normal(prior_mean, torch.exp(0.5 * prior_logvar))).sum()) / batch,
         "mi_sx": explicit_contrastive(static_mean, static_content_mean, cfg.tau),
@@ -205,12 +212,19 @@ def direct_terms(model, x, content_view_order, motion_view, noise):
     }
 
 
-@pytest.mark.parametrize("alpha_static, static_pool", [(None, "lstm"), (1.9, "lstm"), (None, "mean")])
-def test_every_term_of_forward_equals_an_independent_computation(monkeypatch, alpha_static, static_pool):
+@pytest.mark.parametrize("alpha_static, static_pool, static_prior", [(None, "lstm", 0), (1.9, "lstm", 0), (None, "mean", 0),
+                                                                    (None, "lstm", 3)])
+def test_every_term_of_forward_equals_an_independent_computation(monkeypatch, alpha_static, static_pool, static_prior):
     """alpha_static None: eq. (6)'s one alpha for both KL terms. static_pool "mean": forward takes
-    x's own s for the shuffled view's; the direct computation runs q(s|x) on the shuffled frames."""
+    x's own s for the shuffled view's; the direct computation runs q(s|x) on the shuffled frames.
+    static_prior 3 (ours): KL_s against a learned mixture of 3, by torch.distributions."""
     torch.manual_seed(0)
-    model = small_model(alpha=0.7, alpha_static=alpha_static, beta=3.0, gamma=2.0, static_pool=static_pool)
+    model = small_model(alpha=0.7, alpha_static=alpha_static, beta=3.0, gamma=2.0, static_pool=static_pool,
+                        static_prior=static_prior)
+    if static_prior:          # weights and variances of their own, so that a slip in either shows
+        with torch.no_grad():
+            model.static_prior.logits.copy_(torch.tensor([0.5, -1.0, 0.2]))
+            model.static_prior.logvars.normal_(0.0, 0.5)
     batch, steps = 5, 4
     x, view = torch.rand(batch, steps, 3, 16, 16), torch.rand(batch, steps, 3, 16, 16)
     order = torch.stack([torch.randperm(steps) for _ in range(batch)])
