@@ -33,6 +33,9 @@ Where the paper, the released code and this file differ (so that no reader has t
     content view        shuffle or reverse        precomputed shuffles       on the fly; --content-flip (ours)
                         the frames                                           also mirrors it (--scale cpu
                                                                              for Sprites)
+    p(s), eq. (1)       N(0, I)                   N(0, I)                    N(0, I); --static-prior K (ours):
+                                                                             a mixture of K learned with
+                                                                             the model (KL_s by one sample)
     alpha               one weight on KL_s +      1                          alpha; --alpha-static (ours)
                         KL_z, grid {0.6 ... 2}                               gives KL_s its own weight
     beta                grid {0.1 ... 5}          10 (run script)            10 in the presets; 20 in
