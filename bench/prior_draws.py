@@ -90,19 +90,19 @@ def prior_draws(model, judge, train_sequences, count: int, components, seed: int
     """Per source of s ("prior", "prior at t", "fitted K"): ``judged`` metrics of ``count``
     decoded draws (z_1:T from its prior) and, for video, their horizontal travel."""
     model.eval()
-    sources = {"prior": None, **{f"prior at {t:g}": t for t in temperatures}}
+    sources = {"prior": ("prior", None), **{f"prior at {t:g}": ("cooler", float(t)) for t in temperatures}}
     if components:
         means = torch.as_tensor(cdsvae.encode_split(model, train_sequences, "cpu", sample=False, refine_steps=0)[0])
-        sources.update({f"fitted {k}": fit_mixture(means, k, seed=seed) for k in components})
+        sources.update({f"fitted {k}": ("fitted", fit_mixture(means, k, seed=seed)) for k in components})
     rows = {}
-    for name, mixture in sources.items():
+    for name, (kind, parameters) in sources.items():
         generator = torch.Generator().manual_seed(seed)
-        if mixture is None:
+        if kind == "prior":
             static = cdsvae.sample_static(model, count, generator)
-        elif isinstance(mixture, float):
-            static = mixture * torch.randn(count, model.cfg.static_dim, generator=generator)
+        elif kind == "cooler":
+            static = parameters * torch.randn(count, model.cfg.static_dim, generator=generator)
         else:
-            static = draw_mixture(mixture, count, generator)
+            static = draw_mixture(parameters, count, generator)
         dynamic = cdsvae.sample_dynamic(model, count, model.cfg.frames, generator)
         frames = torch.cat([model.decode(static[i:i + batch_size], dynamic[i:i + batch_size])
                             for i in range(0, count, batch_size)])
