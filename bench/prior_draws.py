@@ -46,8 +46,7 @@ def fit_mixture(points: torch.Tensor, components: int, iterations: int = 200, se
     variances = points.var(0, keepdim=True).repeat(components, 1)
     log_weights = torch.full((components,), -math.log(components), dtype=points.dtype)
     for _ in range(iterations):
-        log_density = -0.5 * (((points[:, None] - means[None]) ** 2) / variances[None]
-                              + variances[None].log() + math.log(2 * math.pi)).sum(-1)
+        log_density = cdsvae.log_gaussian(points[:, None], means[None], variances.log()[None]).sum(-1)
         responsibility = torch.softmax(log_density + log_weights, dim=1)           # E step
         mass = responsibility.sum(0) + 1e-10                                         # M step
         means = responsibility.T @ points / mass[:, None]
@@ -57,11 +56,13 @@ def fit_mixture(points: torch.Tensor, components: int, iterations: int = 200, se
 
 
 def draw_mixture(mixture, count: int, generator: torch.Generator) -> torch.Tensor:
-    """``count`` draws (count, D) from ``fit_mixture``'s mixture."""
+    """``count`` draws (count, D) from ``fit_mixture``'s mixture, by the model's own mixture prior
+    (``cdsvae.StaticMixturePrior.sample``: a component by its weight, then its Gaussian)."""
     means, variances, log_weights = mixture
-    component = torch.multinomial(log_weights.exp(), count, replacement=True, generator=generator)
-    noise = torch.randn(count, means.shape[1], generator=generator)
-    return means[component] + variances[component].sqrt() * noise
+    prior = cdsvae.StaticMixturePrior(cdsvae.Config(static_dim=means.shape[1], static_prior=len(means)))
+    with torch.no_grad():
+        prior.means.copy_(means), prior.logvars.copy_(variances.log()), prior.logits.copy_(log_weights)
+    return prior.sample(count, generator)
 
 
 def horizontal_travel(frames: torch.Tensor) -> torch.Tensor:
