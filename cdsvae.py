@@ -35,7 +35,9 @@ Where the paper, the released code and this file differ (so that no reader has t
                                                                              for Sprites)
     p(s), eq. (1)       N(0, I)                   N(0, I)                    N(0, I); --static-prior K (ours):
                                                                              a mixture of K learned with
-                                                                             the model (KL_s by one sample)
+                                                                             the model (KL_s by one sample);
+                                                                             cdsvae fit-prior (ours): draws
+                                                                             from a mixture fitted ex post
     alpha               one weight on KL_s +      1                          alpha; --alpha-static (ours)
                         KL_z, grid {0.6 ... 2}                               gives KL_s its own weight
     beta                grid {0.1 ... 5}          10 (run script)            10 in the presets; 20 in
@@ -150,7 +152,8 @@ class Config:
     glyph_dynamic: bool = False       # ours, with glyphs: z_t feeds the drawing of its frame's glyphs too, not only
                                       # their places (the paper's p(x_t|z_t,s): z_t may change what is drawn)
     static_prior: int = 0             # ours, not the paper's: K > 0: p(s) a mixture of K diagonal Gaussians
-                                      # learned with the model (StaticMixturePrior); 0: the paper's N(0, I)
+                                      # learned with the model (StaticMixturePrior; with glyphs, one over
+                                      # each glyph's part of s); 0: the paper's N(0, I)
     explain_away: bool = False        # ours, with glyphs: q(s|x, z) reads each glyph's glimpses beside the
                                       # other glyphs as a first reading draws them (CDSVAE.static_inputs)
     motion_aug: bool = True           # off: I(z;x) by MWS instead of contrastive
@@ -566,24 +569,69 @@ class StaticMixturePrior(nn.Module):
     N(0, I). The training sequences' s form clusters (one per kind of content) that N(0, I) covers
     unevenly, so many of its draws fall between them and decode to no clear content
     (bench/RESULTS.md, thirty-first session); a learned mixture can put its mass where they are.
-    KL_s is then a one-sample estimate, log q(s|x) - log p(s) at the posterior's sample."""
+    KL_s is then a one-sample estimate, log q(s|x) - log p(s) at the posterior's sample. With
+    ``cfg.glyphs`` = G the mixture is over one glyph's part of s and each part is drawn from it on
+    its own, p(s) = prod_g p(s_g): a glyph's kinds of content (SM-MNIST: ten digits) are then K
+    components, not the K of every pair of them (bench/RESULTS.md, thirty-second session)."""
 
     def __init__(self, cfg: Config):
         super().__init__()
-        self.means = nn.Parameter(torch.randn(cfg.static_prior, cfg.static_dim))
-        self.logvars = nn.Parameter(torch.zeros(cfg.static_prior, cfg.static_dim))
+        self.parts = max(cfg.glyphs, 1)
+        self.means = nn.Parameter(torch.randn(cfg.static_prior, cfg.static_dim // self.parts))
+        self.logvars = nn.Parameter(torch.zeros(cfg.static_prior, cfg.static_dim // self.parts))
         self.logits = nn.Parameter(torch.zeros(cfg.static_prior))
 
     def log_prob(self, static):                                 # (B, Ds) -> (B,) log p(s)
-        per_component = log_gaussian(static.float()[:, None], self.means.float(), self.logvars.float()).sum(-1)
-        return torch.logsumexp(per_component + F.log_softmax(self.logits.float(), 0), dim=1)
+        parts = static.float().view(len(static), self.parts, 1, -1)
+        per_component = log_gaussian(parts, self.means.float(), self.logvars.float()).sum(-1)
+        return torch.logsumexp(per_component + F.log_softmax(self.logits.float(), 0), dim=-1).sum(-1)
 
     def sample(self, batch: int, generator=None, device=None):
-        """s ~ p(s): a component by its weight, then its Gaussian."""
-        component = torch.multinomial(F.softmax(self.logits.detach(), 0).to(device), batch, replacement=True,
-                                      generator=generator)
-        noise = torch.randn(batch, self.means.shape[1], generator=generator, device=device)
-        return self.means.detach()[component] + torch.exp(0.5 * self.logvars.detach()[component]) * noise
+        """s ~ p(s): a component by its weight, then its Gaussian (with glyphs, for each part)."""
+        return mixture_sample(self.mixture(), self.parts, batch, generator, device)
+
+    def mixture(self) -> "Mixture":
+        return Mixture(self.means.detach(), self.logvars.detach(), self.logits.detach())
+
+
+class Mixture(NamedTuple):
+    """A mixture of K diagonal Gaussians over s, or over each glyph's part of s."""
+    means: torch.Tensor            # (K, D)
+    logvars: torch.Tensor          # (K, D)
+    logits: torch.Tensor           # (K,) log weights, up to a constant
+
+
+def mixture_sample(mixture: Mixture, parts: int, batch: int, generator=None, device=None) -> torch.Tensor:
+    """``batch`` draws (batch, parts D): for each of the ``parts`` parts, a component by its weight,
+    then its Gaussian."""
+    count = batch * parts
+    component = torch.multinomial(F.softmax(mixture.logits.float(), 0).to(device), count, replacement=True,
+                                  generator=generator)
+    noise = torch.randn(count, mixture.means.shape[1], generator=generator, device=device)
+    drawn = mixture.means.to(device)[component] + torch.exp(0.5 * mixture.logvars.to(device)[component]) * noise
+    return drawn.view(batch, -1)
+
+
+def fit_mixture(points: torch.Tensor, components: int, iterations: int = 200, seed: int = 0) -> Mixture:
+    """Ours: a mixture of ``components`` diagonal Gaussians fitted to ``points`` (N, D) by EM,
+    started from randomly chosen points and the points' own variance (``fit_static_prior``)."""
+    points = points.double().cpu()
+    generator = torch.Generator().manual_seed(seed)
+    count = len(points)
+    means = points[torch.randperm(count, generator=generator)[:components]].clone()
+    variances = points.var(0, keepdim=True).repeat(components, 1)
+    log_weights = torch.full((components,), -math.log(components), dtype=points.dtype)
+    squares = points ** 2
+    for _ in range(iterations):
+        precision = 1.0 / variances                                                  # (K, D)
+        log_density = -0.5 * (squares @ precision.T - 2.0 * points @ (means * precision).T   # (N, K): the
+                              + (means ** 2 * precision + variances.log() + math.log(2 * math.pi)).sum(1))  # Gaussians' log densities
+        responsibility = torch.softmax(log_density + log_weights, dim=1)           # E step
+        mass = responsibility.sum(0) + 1e-10                                         # M step
+        means = responsibility.T @ points / mass[:, None]
+        variances = (responsibility.T @ squares / mass[:, None] - means ** 2).clamp_min(1e-6)
+        log_weights = (mass / count).log()
+    return Mixture(means.float(), variances.log().float(), log_weights.float())
 
 
 class DynamicPrior(nn.Module):
@@ -681,6 +729,7 @@ class CDSVAE(nn.Module):
             self.pair_critic = PairCritic(cfg)
         if cfg.learned_critics:
             self.register_buffer("club_step", torch.zeros((), dtype=torch.long))   # steps trained
+        self.fitted_prior: Optional[Mixture] = None   # ours: a density of s fitted ex post (fit_static_prior)
 
     def encode_frames(self, x):
         """Frame features (B, T, F): every frame is encoded on its own."""
@@ -1018,10 +1067,35 @@ def swap(model: CDSVAE, a, b):
 
 @torch.no_grad()
 def sample_static(model: CDSVAE, batch: int, generator=None, device=None):
-    """s ~ p(s) = N(0, I), eq. (1), or with ``cfg.static_prior`` its learned mixture (ours)."""
+    """s ~ p(s) = N(0, I), eq. (1), or with ``cfg.static_prior`` its learned mixture (ours), or
+    the mixture ``cdsvae fit-prior`` fitted ex post when the model carries one (ours)."""
+    if model.fitted_prior is not None:
+        return mixture_sample(model.fitted_prior, max(model.cfg.glyphs, 1), batch, generator, device)
     if model.cfg.static_prior:
         return model.static_prior.sample(batch, generator, device)
     return torch.randn(batch, model.cfg.static_dim, generator=generator, device=device)
+
+
+def static_prior_name(model: CDSVAE) -> str:
+    """Where ``sample_static`` draws s from, in words."""
+    if model.fitted_prior is not None:
+        return f"a mixture of {len(model.fitted_prior.logits)} fitted ex post (ours, cdsvae fit-prior)"
+    if model.cfg.static_prior:
+        return f"a mixture of {model.cfg.static_prior} learned with the model (ours, --static-prior)"
+    return "N(0, I) (eq. 1)"
+
+
+@torch.no_grad()
+def fit_static_prior(model: CDSVAE, sequences: np.ndarray, components: int, device, seed: int = 0,
+                     progress: Optional[Callable[[int], None]] = None) -> Mixture:
+    """Ours, not the paper's: a density of s fitted ex post (Ghosh et al., 2020), a mixture of
+    ``components`` diagonal Gaussians fitted by EM to the encoder's posterior means of s of
+    ``sequences`` (the training split); with glyphs, to each glyph's part of them. The training
+    sequences' s form clusters that N(0, I) covers unevenly, and many of its draws fall between
+    them (bench/RESULTS.md, thirty-first session); ``cdsvae fit-prior`` stores the mixture in the
+    checkpoint and ``sample_static`` then draws s from it. Training's p(s) is unchanged."""
+    means = torch.as_tensor(encode_split(model, sequences, device, sample=False, refine_steps=0, progress=progress)[0])
+    return fit_mixture(means.view(len(means) * max(model.cfg.glyphs, 1), -1), components, seed=seed)
 
 
 @torch.no_grad()
@@ -2067,9 +2141,38 @@ def read_checkpoint(path, device="cpu") -> dict:
     try:
         payload["config"] = config_from_dict(payload["config"])
         _check_weights(lambda: CDSVAE(payload["config"]), payload["state_dict"])
+        if "fitted_prior" in payload:
+            payload["fitted_prior"] = _checked_mixture(payload["fitted_prior"], payload["config"])
     except (KeyError, TypeError, ValueError, RuntimeError, OverflowError) as error:
         raise UserError(f"{path}: cdsvae checkpoint with a bad config or weights ({_reason(error)})") from None
     return payload
+
+
+def _checked_mixture(values, cfg: Config) -> Mixture:
+    """A checkpoint's fitted prior (``cdsvae fit-prior``) as a Mixture over s's parts (ValueError
+    unless its shapes fit the config's s and it is finite)."""
+    if not isinstance(values, dict) or set(values) != set(Mixture._fields) or \
+            not all(isinstance(values[name], torch.Tensor) for name in Mixture._fields):
+        raise ValueError("fitted_prior is not a dict of means, logvars and logits")
+    mixture = Mixture(*(values[name].float() for name in Mixture._fields))
+    components, width = len(mixture.logits), cfg.static_dim // max(cfg.glyphs, 1)
+    if components < 1 or mixture.logits.shape != (components,) or \
+            mixture.means.shape != (components, width) or mixture.logvars.shape != (components, width):
+        raise ValueError(f"fitted_prior's shapes do not fit s ({components} components of {width})")
+    if not all(torch.isfinite(t).all() for t in mixture):
+        raise ValueError("non-finite fitted_prior")
+    return mixture
+
+
+def write_fitted_prior(path: Path, mixture: Optional[Mixture]) -> None:
+    """Stores ``mixture`` as the fitted prior of the checkpoint at ``path`` (None: removes it);
+    everything else in the checkpoint stays as it is (a resumed run writes last.pt without it)."""
+    payload = read_checkpoint(path)
+    payload["config"] = asdict(payload["config"])
+    payload.pop("fitted_prior", None)
+    if mixture is not None:
+        payload["fitted_prior"] = {name: value.detach().cpu() for name, value in mixture._asdict().items()}
+    atomic_save(payload, Path(path))
 
 
 def load_checkpoint(path, device="cpu") -> CDSVAE:
@@ -2078,6 +2181,8 @@ def load_checkpoint(path, device="cpu") -> CDSVAE:
     payload = read_checkpoint(path, device)
     model = CDSVAE(payload["config"])
     model.load_state_dict(payload["state_dict"])
+    if "fitted_prior" in payload:
+        model.fitted_prior = Mixture(*(t.to(device) for t in payload["fitted_prior"]))
     words = [str(path)]
     if "step" in payload:
         words.append(f"step {payload['step']}")
@@ -2878,7 +2983,7 @@ def train_command(
     static_dim: Optional[int] = typer.Option(None), dynamic_dim: Optional[int] = typer.Option(None),
     feature_dim: Optional[int] = typer.Option(None), hidden_dim: Optional[int] = typer.Option(None),
     conv_width: Optional[int] = typer.Option(None),
-    static_prior: Optional[int] = typer.Option(None, help="Ours, not the paper's: K > 0: p(s) is a mixture of K diagonal Gaussians learned with the model (KL_s then a one-sample estimate), what sample and generate draw s from; 0: the paper's N(0, I) (default: the preset's)."),
+    static_prior: Optional[int] = typer.Option(None, help="Ours, not the paper's: K > 0: p(s) is a mixture of K diagonal Gaussians learned with the model (with --glyphs, one over each glyph's part of s; KL_s then a one-sample estimate), what sample and generate draw s from; 0: the paper's N(0, I) (default: the preset's)."),
     glyphs: Optional[int] = typer.Option(None, help="Ours, not the paper's: s draws K glyphs (of half the frame's size) that z_t places, and q(s|x, z) reads them where z_t puts them, matched to the places frame by frame (0: the DCGAN decoder and q(s|x); default: the preset's). For scenes of K objects that keep their look, like SM-MNIST's digits (K = 2)."),
     scale: Optional[str] = typer.Option(None, help="cpu: the settings our studies chose for 2 CPU cores; paper: the paper's widths (default: the dataset preset)."),
     likelihood: Optional[str] = typer.Option(None, help="Reconstruction term: gaussian (sum of squared errors) or bernoulli (cross-entropy on the decoder's logits; frames in [0, 1])."),
@@ -3131,16 +3236,54 @@ def eval_command(
         report = evaluate(model, classifier, dataset, resolved, repeat, seed)
         report["checkpoint"] = model.description
         report["refine_steps"] = model.cfg.refine_steps
+        report["static_prior"] = static_prior_name(model)
         if "speaker" in dataset.kinds and not model.cfg.is_video:
             report["speaker_verification"] = speaker_verification(model, dataset, resolved)
         if output is not None:
             output.parent.mkdir(parents=True, exist_ok=True)
             output.write_text(json.dumps(report, indent=2) + "\n")
-    typer.echo(f"scored {report['checkpoint']}")
+    typer.echo(f"scored {report['checkpoint']}; s drawn from {report['static_prior']}")
     typer.echo(evaluation_table(report))
     if "eer_s" in report.get("speaker_verification", {}):
         sv = report["speaker_verification"]
         typer.echo(f"\nspeaker verification EER: s {sv['eer_s']:.3f} (low is good), z {sv['eer_z']:.3f} (high is good)")
+
+
+@app.command("fit-prior")
+def fit_prior_command(
+    ckpt: Optional[Path] = typer.Option(None, help=CKPT_HELP),
+    components: int = typer.Option(200, help="Gaussians in the mixture (0: remove a fitted prior; s is drawn from the model's own p(s) again)."),
+    data: Optional[str] = typer.Option(None), data_dir: Optional[Path] = typer.Option(None),
+    seed: int = typer.Option(0, help="Seed of the fit's start."),
+    device: str = typer.Option(default_device()),
+):
+    """Ours, not the paper's: fit a mixture of diagonal Gaussians to the posterior means of s of
+    the training split and store it in the checkpoint; sample, generate and eval (the fixed-
+    dynamic and sampled protocols) then draw s from it instead of p(s). Training is unchanged."""
+    with user_errors():
+        expect_at_least("--components", components, 0)
+        resolved = _check_device(device)
+        path = ckpt if ckpt is not None else newest_checkpoint()
+        model = load_model(path, resolved)
+        mixture = None
+        if components:
+            dataset = load_dataset(data, str(data_dir) if data_dir else None, model.cfg.frame_shape[-1], model.cfg.seed)
+            if tuple(dataset.frame_shape) != tuple(model.cfg.frame_shape):
+                raise UserError(f"frames {dataset.frame_shape} of the data, {model.cfg.frame_shape} of the model; "
+                                "expected the same (--data and --data-dir as the model was trained with)")
+            points = len(dataset.train.sequences) * max(model.cfg.glyphs, 1)
+            if points < components:
+                raise UserError(f"--components {components}: expected at most the {points} points to fit")
+            with _progress(True) as progress:
+                task = progress.add_task("encode", total=len(dataset.train.sequences), terms="training sequences")
+                mixture = fit_static_prior(model, dataset.train.sequences, components, resolved, seed,
+                                           progress=lambda n: progress.advance(task, n))
+        write_fitted_prior(path, mixture)
+    if mixture is None:
+        typer.echo(f"removed the fitted prior of {path}: s is drawn from the model's p(s) again")
+    else:
+        typer.echo(f"fitted a mixture of {components} to the s of {len(dataset.train.sequences)} training sequences"
+                   f"; wrote it into {path}: sample, generate and eval now draw s from it")
 
 
 @app.command("encode")

@@ -5,12 +5,13 @@ cover that Gaussian unevenly (clusters, one per kind of content, with gaps betwe
 draws land between clusters and decode to something the judge cannot name. This diagnostic
 scores, with a judge, sequences whose z_1:T comes from its prior and whose s comes from
 
-- ``prior``: the model's p(s), what ``cdsvae sample`` and ``eval``'s sampled protocol draw: N(0, I),
-  or with ``--static-prior K`` its learned mixture;
+- ``prior``: what ``cdsvae sample`` and ``eval``'s sampled protocol draw: N(0, I), with
+  ``--static-prior K`` its learned mixture, or the mixture ``cdsvae fit-prior`` stored;
 - ``prior at t``: N(0, t^2 I), the paper's prior drawn cooler (``--temperatures``);
-- ``fitted K``: a mixture of K diagonal Gaussians fitted ex post (EM, ``fit_mixture``) to the
-  posterior means of s of the training split (Ghosh et al. 2020's ex-post density estimation);
-  K 1 is a single Gaussian with the means' own mean and spread.
+- ``fitted K``: a mixture of K diagonal Gaussians fitted ex post to the posterior means of s of
+  the training split (Ghosh et al. 2020's ex-post density estimation), as ``cdsvae fit-prior``
+  fits it (``cdsvae.fit_static_prior``: with glyphs, to each glyph's part of s); K 1 is a single
+  Gaussian with the means' own mean and spread.
 
 Per static and dynamic factor: IS, H(y|x), H(y) of the judge's predictions, and the share of
 draws whose every static factor the judge names with probability over 0.9. For video, also how
@@ -23,7 +24,6 @@ beside the test split's own sequences. Diagnostic only: the model and ``sample``
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
@@ -33,36 +33,6 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import cdsvae  # noqa: E402
-
-
-def fit_mixture(points: torch.Tensor, components: int, iterations: int = 200, seed: int = 0):
-    """A mixture of ``components`` diagonal Gaussians fitted to ``points`` (N, D) by EM, started
-    from randomly chosen points and the points' own variance. Returns (means (K, D), variances
-    (K, D), log weights (K,))."""
-    points = points.double()
-    generator = torch.Generator().manual_seed(seed)
-    count = len(points)
-    means = points[torch.randperm(count, generator=generator)[:components]].clone()
-    variances = points.var(0, keepdim=True).repeat(components, 1)
-    log_weights = torch.full((components,), -math.log(components), dtype=points.dtype)
-    for _ in range(iterations):
-        log_density = cdsvae.log_gaussian(points[:, None], means[None], variances.log()[None]).sum(-1)
-        responsibility = torch.softmax(log_density + log_weights, dim=1)           # E step
-        mass = responsibility.sum(0) + 1e-10                                         # M step
-        means = responsibility.T @ points / mass[:, None]
-        variances = (responsibility.T @ points ** 2 / mass[:, None] - means ** 2).clamp_min(1e-6)
-        log_weights = (mass / count).log()
-    return means.float(), variances.float(), log_weights.float()
-
-
-def draw_mixture(mixture, count: int, generator: torch.Generator) -> torch.Tensor:
-    """``count`` draws (count, D) from ``fit_mixture``'s mixture, by the model's own mixture prior
-    (``cdsvae.StaticMixturePrior.sample``: a component by its weight, then its Gaussian)."""
-    means, variances, log_weights = mixture
-    prior = cdsvae.StaticMixturePrior(cdsvae.Config(static_dim=means.shape[1], static_prior=len(means)))
-    with torch.no_grad():
-        prior.means.copy_(means), prior.logvars.copy_(variances.log()), prior.logits.copy_(log_weights)
-    return prior.sample(count, generator)
 
 
 def horizontal_travel(frames: torch.Tensor) -> torch.Tensor:
@@ -92,9 +62,8 @@ def prior_draws(model, judge, train_sequences, count: int, components, seed: int
     decoded draws (z_1:T from its prior) and, for video, their horizontal travel."""
     model.eval()
     sources = {"prior": ("prior", None), **{f"prior at {t:g}": ("cooler", float(t)) for t in temperatures}}
-    if components:
-        means = torch.as_tensor(cdsvae.encode_split(model, train_sequences, "cpu", sample=False, refine_steps=0)[0])
-        sources.update({f"fitted {k}": ("fitted", fit_mixture(means, k, seed=seed)) for k in components})
+    sources.update({f"fitted {k}": ("fitted", cdsvae.fit_static_prior(model, train_sequences, k, "cpu", seed))
+                    for k in components})
     rows = {}
     for name, (kind, parameters) in sources.items():
         generator = torch.Generator().manual_seed(seed)
@@ -103,7 +72,7 @@ def prior_draws(model, judge, train_sequences, count: int, components, seed: int
         elif kind == "cooler":
             static = parameters * torch.randn(count, model.cfg.static_dim, generator=generator)
         else:
-            static = draw_mixture(parameters, count, generator)
+            static = cdsvae.mixture_sample(parameters, max(model.cfg.glyphs, 1), count, generator)
         dynamic = cdsvae.sample_dynamic(model, count, model.cfg.frames, generator)
         frames = torch.cat([model.decode(static[i:i + batch_size], dynamic[i:i + batch_size])
                             for i in range(0, count, batch_size)])

@@ -1,5 +1,5 @@
-"""bench/prior_draws.py: the ex-post mixture against known mixtures, the travel against a hand-made
-sequence, and the script end to end on a small model and judge."""
+"""bench/prior_draws.py: the travel against a hand-made sequence, and the script end to end on a
+small model and judge (the ex-post mixture it fits: tests/test_model.py)."""
 import math
 
 import numpy as np
@@ -8,23 +8,6 @@ import torch
 
 import cdsvae
 from data_prep import shapes
-
-
-def test_the_fitted_mixture_finds_two_known_gaussians(load_bench):
-    bench = load_bench("prior_draws")
-    generator = torch.Generator().manual_seed(0)
-    first = torch.tensor([4.0, -2.0]) + torch.tensor([0.5, 1.0]) * torch.randn(3000, 2, generator=generator)
-    second = torch.tensor([-4.0, 3.0]) + torch.tensor([1.0, 0.3]) * torch.randn(1000, 2, generator=generator)
-    means, variances, log_weights = bench.fit_mixture(torch.cat([first, second]), 2)
-    found = means[:, 0].argsort(descending=True)          # the first Gaussian has the larger x
-    assert means[found].flatten().tolist() == pytest.approx([4.0, -2.0, -4.0, 3.0], abs=0.08)
-    assert variances[found].flatten().tolist() == pytest.approx([0.25, 1.0, 1.0, 0.09], rel=0.1)
-    assert log_weights[found].exp().tolist() == pytest.approx([0.75, 0.25], abs=0.01)
-    one = bench.fit_mixture(first, 1)                      # K 1: the points' own mean and variance
-    assert one[0][0].tolist() == pytest.approx(first.mean(0).tolist(), abs=1e-5)
-    assert one[1][0].tolist() == pytest.approx(first.var(0, unbiased=False).tolist(), rel=1e-4)
-    draws = bench.draw_mixture((means, variances, log_weights), 20000, torch.Generator().manual_seed(1))
-    assert float((draws[:, 0] > 0).float().mean()) == pytest.approx(0.75, abs=0.01)
 
 
 def test_horizontal_travel_follows_the_centre_of_mass(load_bench):

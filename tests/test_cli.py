@@ -380,3 +380,51 @@ def test_scale_applies_its_settings_over_the_preset_and_flags_win_over_both(tmp_
     # the summary probes the encoder's means: the refinement is left to eval and encode
     assert refined and set(refined) == {0} and summary["probe_posterior_means"]["latents"] == "posterior means"
     assert config["lr"] == cdsvae.PRESETS["shapes"]["lr"]                 # the rest from the preset
+
+
+def test_fit_prior_stores_a_mixture_that_sample_draws_from_and_zero_removes_it(tmp_path, checkpoint, monkeypatch):
+    """``cdsvae fit-prior`` (ours): the mixture fitted to the training split's posterior means of s
+    goes into the checkpoint, everything else stays; the loaded model draws s from it; --components
+    0 takes it out again; bad counts are one line, exit 2, the checkpoint untouched."""
+    from data_prep import shapes
+    videos, labels = shapes.render(40, 0, size=16, frames=5)
+    data = cdsvae.Dataset("shapes", cdsvae.Split(videos, labels), cdsvae.Split(videos[:8], {k: v[:8] for k, v in labels.items()}),
+                          shapes.KINDS, shapes.LABELS)
+    monkeypatch.setattr(cdsvae, "load_dataset", lambda *args, **kwargs: data)
+    path = tmp_path / "last.pt"
+    model = cdsvae.load_checkpoint(checkpoint)
+    with torch.no_grad():
+        model.static_posterior.head.weight.mul_(300.0)          # means that differ from video to video
+    cdsvae.save_checkpoint(model, path, step=7)
+    written = path.read_bytes()
+    before = cdsvae.read_checkpoint(path)
+    for components, message in ((-1, "--components must be at least 0"), (41, "at most the 40 points")):
+        assert_user_error(run("fit-prior", "--ckpt", path, "--components", components), message)
+        assert path.read_bytes() == written
+    result = run("fit-prior", "--ckpt", path, "--components", 1)
+    assert result.exit_code == 0, result.output
+    model = cdsvae.load_checkpoint(path)
+    means = torch.cat([model.encode(cdsvae.to_frames(videos[i:i + 16], "cpu"), refine_steps=0).static_mean
+                       for i in range(0, 40, 16)]).detach()
+    assert model.fitted_prior.means[0].tolist() == pytest.approx(means.mean(0).tolist(), abs=1e-5)
+    assert model.fitted_prior.logvars[0].exp().tolist() == pytest.approx(means.var(0, unbiased=False).tolist(), rel=1e-3)
+    assert float(model.fitted_prior.logvars.exp().min()) > 1e-3
+    after = cdsvae.read_checkpoint(path)
+    assert after["step"] == 7 and all(torch.equal(after["state_dict"][name], value) for name, value in before["state_dict"].items())
+    assert "fit" in cdsvae.static_prior_name(model)
+    draws = cdsvae.sample_static(model, 4000, torch.Generator().manual_seed(0))
+    assert draws.mean(0).tolist() == pytest.approx(means.mean(0).tolist(), abs=0.1 * float(means.std(0).max()) + 1e-3)
+    result = run("sample", "--ckpt", path, "-n", 2, "-o", tmp_path / "s.npy")
+    assert result.exit_code == 0, result.output
+    assert run("fit-prior", "--ckpt", path, "--components", 0).exit_code == 0
+    assert cdsvae.load_checkpoint(path).fitted_prior is None
+    assert "fitted_prior" not in cdsvae.read_checkpoint(path)
+
+
+def test_a_checkpoint_whose_fitted_prior_does_not_fit_s_is_a_one_line_error(tmp_path, checkpoint):
+    payload = torch.load(checkpoint, weights_only=True)
+    payload["fitted_prior"] = {"means": torch.zeros(3, 5), "logvars": torch.zeros(3, 5), "logits": torch.zeros(3)}
+    torch.save(payload, tmp_path / "bad.pt")
+    assert_user_error(run("sample", "--ckpt", tmp_path / "bad.pt", "-n", 1, "-o", tmp_path / "out" / "s.npy"),
+                      "fitted_prior", "3 components of 6")
+    assert not (tmp_path / "out").exists()

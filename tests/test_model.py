@@ -2,6 +2,7 @@
 determinism, generation functions."""
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -612,3 +613,58 @@ def test_a_learned_mixture_prior_of_s_is_what_generation_draws_and_training_move
     assert torch.equal(loaded.static_prior.means, model.static_prior.means)
     assert torch.equal(cdsvae.sample_static(loaded, 5, torch.Generator().manual_seed(2)),
                        cdsvae.sample_static(model, 5, torch.Generator().manual_seed(2)))
+
+
+def test_the_fitted_mixture_finds_two_known_gaussians():
+    """``fit_mixture`` (ours, ``cdsvae fit-prior``): EM on points drawn from a known mixture finds it."""
+    generator = torch.Generator().manual_seed(0)
+    first = torch.tensor([4.0, -2.0]) + torch.tensor([0.5, 1.0]) * torch.randn(3000, 2, generator=generator)
+    second = torch.tensor([-4.0, 3.0]) + torch.tensor([1.0, 0.3]) * torch.randn(1000, 2, generator=generator)
+    mixture = cdsvae.fit_mixture(torch.cat([first, second]), 2)
+    found = mixture.means[:, 0].argsort(descending=True)          # the first Gaussian has the larger x
+    assert mixture.means[found].flatten().tolist() == pytest.approx([4.0, -2.0, -4.0, 3.0], abs=0.08)
+    assert mixture.logvars[found].exp().flatten().tolist() == pytest.approx([0.25, 1.0, 1.0, 0.09], rel=0.1)
+    assert F.softmax(mixture.logits[found], 0).tolist() == pytest.approx([0.75, 0.25], abs=0.01)
+    one = cdsvae.fit_mixture(first, 1)                      # K 1: the points' own mean and variance
+    assert one.means[0].tolist() == pytest.approx(first.mean(0).tolist(), abs=1e-5)
+    assert one.logvars[0].exp().tolist() == pytest.approx(first.var(0, unbiased=False).tolist(), rel=1e-4)
+    draws = cdsvae.mixture_sample(mixture, 1, 20000, torch.Generator().manual_seed(1))
+    assert float((draws[:, 0] > 0).float().mean()) == pytest.approx(0.75, abs=0.01)
+
+
+def test_with_glyphs_the_fitted_prior_is_fitted_to_every_glyph_s_part_and_draws_each_part():
+    """``fit_static_prior`` (ours) with glyphs: one mixture over the parts of the encoder's means of s
+    of all the given sequences (K 1: their mean and variance), each part drawn from it."""
+    torch.manual_seed(0)
+    cfg = cdsvae.Config(frame_shape=(1, 32, 32), frames=3, static_dim=4, dynamic_dim=2, feature_dim=8,
+                        hidden_dim=8, conv_width=4, glyphs=2, likelihood="bernoulli")
+    model = cdsvae.CDSVAE(cfg).eval()
+    videos = (np.random.default_rng(0).random((12, 3, 32, 32, 1)) > 0.8).astype(np.uint8) * 255
+    mixture = cdsvae.fit_static_prior(model, videos, 1, "cpu")
+    with torch.no_grad():
+        parts = model.encode(cdsvae.to_frames(videos, "cpu"), refine_steps=0).static_mean.reshape(24, 2)
+    assert mixture.means[0].tolist() == pytest.approx(parts.mean(0).tolist(), abs=1e-5)
+    assert mixture.logvars[0].exp().tolist() == pytest.approx(parts.var(0, unbiased=False).clamp_min(1e-6).tolist(), rel=1e-3)
+    model.fitted_prior = mixture
+    assert cdsvae.sample_static(model, 5, torch.Generator().manual_seed(0)).shape == (5, 4)
+    assert "fitted" in cdsvae.static_prior_name(model)
+
+
+def test_with_glyphs_each_part_of_s_is_drawn_from_one_mixture_on_its_own():
+    """``static_prior`` K with ``glyphs`` G (ours): one mixture over a glyph's part of s; every part
+    takes its own component, so the parts' components are independent."""
+    torch.manual_seed(0)
+    cfg = cdsvae.Config(frame_shape=(1, 32, 32), frames=4, static_dim=4, dynamic_dim=2, feature_dim=8,
+                        hidden_dim=8, conv_width=4, glyphs=2, likelihood="bernoulli", static_prior=2)
+    model = cdsvae.CDSVAE(cfg)
+    assert model.static_prior.means.shape == (2, 2)
+    with torch.no_grad():
+        model.static_prior.means.copy_(torch.tensor([[5.0, 5.0], [-5.0, 0.0]]))
+        model.static_prior.logvars.fill_(math.log(0.01))
+        model.static_prior.logits.copy_(torch.tensor([math.log(0.8), math.log(0.2)]))
+    draws = cdsvae.sample_static(model, 4000, torch.Generator().manual_seed(0))
+    first = draws[:, [0, 2]] > 0                                        # each part's component
+    assert first.float().mean(0).tolist() == pytest.approx([0.8, 0.8], abs=0.02)
+    assert float((first[:, 0] & first[:, 1]).float().mean()) == pytest.approx(0.64, abs=0.02)
+    assert draws[first[:, 1]][:, 2:].mean(0).tolist() == pytest.approx([5.0, 5.0], abs=0.01)
+    assert cdsvae.generate(model, batch=3, generator=torch.Generator().manual_seed(1)).shape == (3, 4, 1, 32, 32)

@@ -558,9 +558,10 @@ def test_pair_critic_trains_on_detached_samples_its_estimate_only_the_encoders_a
     assert "pair_critic.net.0.weight" not in small_model(club=1.0).state_dict()   # off: the model as before
 
 
-@pytest.mark.parametrize("content_half, glyph_contrast, glyph_distort",
-                         [(False, False, 0.0), (True, False, 0.0), (True, True, 0.0), (False, False, 1.0)])
-def test_glyph_terms_equal_a_direct_computation(monkeypatch, content_half, glyph_contrast, glyph_distort):
+@pytest.mark.parametrize("content_half, glyph_contrast, glyph_distort, static_prior",
+                         [(False, False, 0.0, 0), (True, False, 0.0, 0), (True, True, 0.0, 0), (False, False, 1.0, 0),
+                          (False, False, 0.0, 3)])
+def test_glyph_terms_equal_a_direct_computation(monkeypatch, content_half, glyph_contrast, glyph_distort, static_prior):
     """With --glyphs 2 (ours): q(s | x, z) read from the glimpses at z_t's centres, each cut
     with its own affine grid, the two places of every frame matched to the glyphs by the cosine
     of their codes to the mean of the frames before (then of all); the frames the union of the
@@ -569,10 +570,15 @@ def test_glyph_terms_equal_a_direct_computation(monkeypatch, content_half, glyph
     the mean of the glyphs' codes over the shuffled video's first half; with glyph_contrast (ours)
     the InfoNCE rows are the glyphs' parts of s; with glyph_distort (ours) the content view's s is
     read from every frame's glimpse of each glyph at its matched place resampled through that
-    glyph's affine map."""
+    glyph's affine map; with static_prior 3 (ours) KL_s is log q(s|x) minus each glyph's part's log
+    density under one mixture of 3, by torch.distributions."""
     torch.manual_seed(0)
     model = small_model(frame_shape=(1, 32, 32), glyphs=2, likelihood="bernoulli", content_half=content_half,
-                        glyph_contrast=glyph_contrast, glyph_distort=glyph_distort).eval()
+                        glyph_contrast=glyph_contrast, glyph_distort=glyph_distort, static_prior=static_prior).eval()
+    if static_prior:          # weights and variances of their own, so that a slip in either shows
+        with torch.no_grad():
+            model.static_prior.logits.copy_(torch.tensor([0.5, -1.0, 0.2]))
+            model.static_prior.logvars.normal_(0.0, 0.5)
     batch, steps = 3, 4
     x, view = (torch.rand(batch, steps, 1, 32, 32) > 0.7).float(), torch.rand(batch, steps, 1, 32, 32)
     noise = [torch.randn(batch, 6), torch.randn(batch, steps, 3), torch.randn(batch, steps, 3)]
@@ -641,8 +647,17 @@ def test_glyph_terms_equal_a_direct_computation(monkeypatch, content_half, glyph
                     none = none * (1 - window(glyph, -2.0 * place, 2.0, 32) * (1 - 1e-6))
                 p = (1 - none).double()
                 recon -= float((x[b, t] * p.log() + (1 - x[b, t]) * (1 - p).log()).sum())
+    posterior_s = Normal(static_mean, torch.exp(0.5 * static_logvar))
+    kl_s = float(kl_divergence(posterior_s, Normal(0.0, 1.0)).sum()) / batch
+    if static_prior:
+        mixture = model.static_prior
+        part_prior = MixtureSameFamily(Categorical(logits=mixture.logits),
+                                       Independent(Normal(mixture.means, torch.exp(0.5 * mixture.logvars)), 1))
+        with torch.no_grad():
+            log_prior = part_prior.log_prob(static[:, :3]) + part_prior.log_prob(static[:, 3:])
+        kl_s = float((Independent(posterior_s, 1).log_prob(static) - log_prior).sum()) / batch
     direct = {"recon": recon / batch,
-              "kl_s": float(kl_divergence(Normal(static_mean, torch.exp(0.5 * static_logvar)), Normal(0.0, 1.0)).sum()) / batch,
+              "kl_s": kl_s,
               "mi_sx": explicit_contrastive(static_mean, static_mean, model.cfg.tau)}
     if content_half or glyph_distort:
         half_mean = torch.stack(half_means)
