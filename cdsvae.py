@@ -3253,13 +3253,14 @@ def eval_command(
 def fit_prior_command(
     ckpt: Optional[Path] = typer.Option(None, help=CKPT_HELP),
     components: int = typer.Option(200, help="Gaussians in the mixture (0: remove a fitted prior; s is drawn from the model's own p(s) again)."),
-    data: Optional[str] = typer.Option(None), data_dir: Optional[Path] = typer.Option(None),
+    data: Optional[str] = typer.Option(None, help="The dataset the model was trained on (default: shapes, or the prepared folder's)."),
+    data_dir: Optional[Path] = typer.Option(None, help="Its folder, as given to train."),
     seed: int = typer.Option(0, help="Seed of the fit's start."),
     device: str = typer.Option(default_device()),
 ):
     """Ours, not the paper's: fit a mixture of diagonal Gaussians to the posterior means of s of
-    the training split and store it in the checkpoint; sample, generate and eval (the fixed-
-    dynamic and sampled protocols) then draw s from it instead of p(s). Training is unchanged."""
+    the training split and store it in the checkpoint; sample, generate and eval (its
+    fixed-dynamic and sampled protocols) then draw s from it instead of p(s). Training is unchanged."""
     with user_errors():
         expect_at_least("--components", components, 0)
         resolved = _check_device(device)
