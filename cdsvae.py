@@ -187,6 +187,11 @@ class Config:
         return self.glyphs > 0 or self.static_pool == "mean"
 
     @property
+    def static_parts(self) -> int:
+        """How many parts s comes in, each drawn on its own by a mixture prior: one per glyph, or 1."""
+        return max(self.glyphs, 1)
+
+    @property
     def learned_critics(self) -> bool:
         """Ours: is I(z;s) also estimated by a learned critic (CLUB or the pair classifier)?"""
         return self.club > 0 or self.pair_critic > 0
@@ -576,7 +581,7 @@ class StaticMixturePrior(nn.Module):
 
     def __init__(self, cfg: Config):
         super().__init__()
-        self.parts = max(cfg.glyphs, 1)
+        self.parts = cfg.static_parts
         self.means = nn.Parameter(torch.randn(cfg.static_prior, cfg.static_dim // self.parts))
         self.logvars = nn.Parameter(torch.zeros(cfg.static_prior, cfg.static_dim // self.parts))
         self.logits = nn.Parameter(torch.zeros(cfg.static_prior))
@@ -1070,7 +1075,7 @@ def sample_static(model: CDSVAE, batch: int, generator=None, device=None):
     """s ~ p(s) = N(0, I), eq. (1), or with ``cfg.static_prior`` its learned mixture (ours), or
     the mixture ``cdsvae fit-prior`` fitted ex post when the model carries one (ours)."""
     if model.fitted_prior is not None:
-        return mixture_sample(model.fitted_prior, max(model.cfg.glyphs, 1), batch, generator, device)
+        return mixture_sample(model.fitted_prior, model.cfg.static_parts, batch, generator, device)
     if model.cfg.static_prior:
         return model.static_prior.sample(batch, generator, device)
     return torch.randn(batch, model.cfg.static_dim, generator=generator, device=device)
@@ -1095,7 +1100,7 @@ def fit_static_prior(model: CDSVAE, sequences: np.ndarray, components: int, devi
     them (bench/RESULTS.md, thirty-first session); ``cdsvae fit-prior`` stores the mixture in the
     checkpoint and ``sample_static`` then draws s from it. Training's p(s) is unchanged."""
     means = torch.as_tensor(encode_split(model, sequences, device, sample=False, refine_steps=0, progress=progress)[0])
-    return fit_mixture(means.view(len(means) * max(model.cfg.glyphs, 1), -1), components, seed=seed)
+    return fit_mixture(means.view(len(means) * model.cfg.static_parts, -1), components, seed=seed)
 
 
 @torch.no_grad()
@@ -2155,7 +2160,7 @@ def _checked_mixture(values, cfg: Config) -> Mixture:
             not all(isinstance(values[name], torch.Tensor) for name in Mixture._fields):
         raise ValueError("fitted_prior is not a dict of means, logvars and logits")
     mixture = Mixture(*(values[name].float() for name in Mixture._fields))
-    components, width = len(mixture.logits), cfg.static_dim // max(cfg.glyphs, 1)
+    components, width = len(mixture.logits), cfg.static_dim // cfg.static_parts
     if components < 1 or mixture.logits.shape != (components,) or \
             mixture.means.shape != (components, width) or mixture.logvars.shape != (components, width):
         raise ValueError(f"fitted_prior's shapes do not fit s ({components} components of {width})")
@@ -3272,7 +3277,7 @@ def fit_prior_command(
             if tuple(dataset.frame_shape) != tuple(model.cfg.frame_shape):
                 raise UserError(f"frames {dataset.frame_shape} of the data, {model.cfg.frame_shape} of the model; "
                                 "expected the same (--data and --data-dir as the model was trained with)")
-            points = len(dataset.train.sequences) * max(model.cfg.glyphs, 1)
+            points = len(dataset.train.sequences) * model.cfg.static_parts
             if points < components:
                 raise UserError(f"--components {components}: expected at most the {points} points to fit")
             with _progress(True) as progress:

@@ -72,7 +72,7 @@ def prior_draws(model, judge, train_sequences, count: int, components, seed: int
         elif kind == "cooler":
             static = parameters * torch.randn(count, model.cfg.static_dim, generator=generator)
         else:
-            static = cdsvae.mixture_sample(parameters, max(model.cfg.glyphs, 1), count, generator)
+            static = cdsvae.mixture_sample(parameters, model.cfg.static_parts, count, generator)
         dynamic = cdsvae.sample_dynamic(model, count, model.cfg.frames, generator)
         frames = torch.cat([model.decode(static[i:i + batch_size], dynamic[i:i + batch_size])
                             for i in range(0, count, batch_size)])
