@@ -1844,9 +1844,12 @@ def judged_generations(model: CDSVAE, judge: Judge, static: np.ndarray, dynamic:
     """One sampling round of ``evaluate`` from the posterior means ``static`` (N, Ds) and
     ``dynamic`` (N, T, Dz) of the test split: the partners of the swaps (a permutation drawn
     with ``seed``) and, for "fixed_dynamic", "fixed_static" and "swap", the judge's class
-    probabilities of every generation, per factor (N, classes)."""
+    probabilities of every generation, per factor (N, classes). Each protocol draws from a
+    generator of its own, so what one draws (s from a fitted prior or from p(s)) leaves the
+    others' draws as they were."""
     model.eval()
-    generator = torch.Generator(device=device).manual_seed(seed)
+    static_draws = torch.Generator(device=device).manual_seed(seed)                       # fixed dynamic
+    dynamic_draws = torch.Generator(device=device).manual_seed(FIXED_STATIC_SEED + seed)  # fixed static
     shuffle = torch.Generator().manual_seed(seed)
     collected = {"fixed_dynamic": [], "fixed_static": [], "swap": []}
     partners = torch.randperm(len(static), generator=shuffle).numpy()
@@ -1855,8 +1858,8 @@ def judged_generations(model: CDSVAE, judge: Judge, static: np.ndarray, dynamic:
         static_mean, dynamic_mean = (torch.from_numpy(a[rows]).to(device) for a in (static, dynamic))
         partner_dynamic = torch.from_numpy(dynamic[partners[rows]]).to(device)
         generations = {
-            "fixed_dynamic": generate(model, dynamic=dynamic_mean, generator=generator),
-            "fixed_static": generate(model, static=static_mean, frames=dynamic.shape[1], generator=generator),
+            "fixed_dynamic": generate(model, dynamic=dynamic_mean, generator=static_draws),
+            "fixed_static": generate(model, static=static_mean, frames=dynamic.shape[1], generator=dynamic_draws),
             "swap": model.decode(static_mean, partner_dynamic),
         }
         for name, frames in generations.items():
@@ -1935,6 +1938,7 @@ def evaluate(model: CDSVAE, judge: Judge, data: Dataset, device, repeat: int = 1
 
 
 SAMPLED_SEED = 7919      # offsets the seed of ``evaluate``'s sampled protocol from the fixed-factor draws'
+FIXED_STATIC_SEED = 104729   # offsets the seed of its fixed-static draws (z ~ p(z)) from the fixed-dynamic ones'
 
 
 def spread(rounds: list) -> dict:

@@ -111,6 +111,15 @@ def test_judge_learns_the_shapes_factors_and_eval_reports_the_protocol(tmp_path)
         assert single["sampled"][factor]["is"]["mean"] == pytest.approx(cdsvae.inception_score(p), rel=1e-6)
         assert single["sampled"][factor]["h_yx"]["mean"] == pytest.approx(cdsvae.entropy_yx(p), abs=1e-6)
         assert single["sampled"][factor]["h_y"]["mean"] == pytest.approx(cdsvae.entropy_y(p), abs=1e-6)
+    # each protocol has a generator of its own: with s drawn from a fitted mixture (which takes
+    # other random numbers than N(0, I)) the fixed-dynamic generations change, and the fixed-static
+    # ones (z ~ p(z)) and the swaps stay exactly as they were
+    model.fitted_prior = cdsvae.Mixture(means=torch.full((2, cfg.static_dim), 3.0), logvars=torch.zeros(2, cfg.static_dim),
+                                        logits=torch.zeros(2))
+    fitted = cdsvae.evaluate(model, judge, data, "cpu", repeat=1, sampled=False)
+    for key, metrics in single["results"].items():
+        assert (fitted["results"][key] == metrics) != key.startswith("fixed_dynamic/"), key
+    assert fitted["all_static"] == single["all_static"]
 
 
 def test_sampled_protocol_scores_what_the_priors_draw(monkeypatch):
