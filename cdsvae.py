@@ -38,6 +38,9 @@ Where the paper, the released code and this file differ (so that no reader has t
                                                                              the model (KL_s by one sample);
                                                                              cdsvae fit-prior (ours): draws
                                                                              from a mixture fitted ex post
+    p(z_1), eq. (1)     the LSTM's first step     the LSTM's first step      the same; cdsvae fit-prior (ours):
+                        (z_0 = 0), one Gaussian                              draws z_1 from a mixture fitted
+                                                                             ex post, the LSTM goes on from it
     alpha               one weight on KL_s +      1                          alpha; --alpha-static (ours)
                         KL_z, grid {0.6 ... 2}                               gives KL_s its own weight
     beta                grid {0.1 ... 5}          10 (run script)            10 in the presets; 20 in
@@ -600,7 +603,7 @@ class StaticMixturePrior(nn.Module):
 
 
 class Mixture(NamedTuple):
-    """A mixture of K diagonal Gaussians over s, or over each glyph's part of s."""
+    """A mixture of K diagonal Gaussians over s, or over each glyph's part of s, or over z_1."""
     means: torch.Tensor            # (K, D)
     logvars: torch.Tensor          # (K, D)
     logits: torch.Tensor           # (K,) log weights, up to a constant
@@ -619,7 +622,7 @@ def mixture_sample(mixture: Mixture, parts: int, batch: int, generator=None, dev
 
 def fit_mixture(points: torch.Tensor, components: int, iterations: int = 200, seed: int = 0) -> Mixture:
     """Ours: a mixture of ``components`` diagonal Gaussians fitted to ``points`` (N, D) by EM,
-    started from randomly chosen points and the points' own variance (``fit_static_prior``)."""
+    started from randomly chosen points and the points' own variance (``fit_priors``)."""
     points = points.double().cpu()
     generator = torch.Generator().manual_seed(seed)
     count = len(points)
@@ -653,14 +656,15 @@ class DynamicPrior(nn.Module):
         out, _ = self.lstm(previous)
         return self.head(out).chunk(2, dim=-1)
 
-    def sample(self, batch: int, frames: int, eps: torch.Tensor) -> torch.Tensor:
-        """Generation: the prior fed its own samples. ``eps`` is (batch, frames, Dz)."""
+    def sample(self, batch: int, frames: int, eps: torch.Tensor, first: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Generation: the prior fed its own samples. ``eps`` is (batch, frames, Dz); ``first``
+        (batch, Dz), when given, is z_1 in place of the prior's own draw (``fit_priors``)."""
         z = eps.new_zeros(batch, 1, self.head.out_features // 2)
         state, samples = None, []
         for t in range(frames):
             out, state = self.lstm(z, state)
             mean, logvar = self.head(out).chunk(2, dim=-1)
-            z = reparameterize(mean, logvar, eps[:, t:t + 1])
+            z = first[:, None] if t == 0 and first is not None else reparameterize(mean, logvar, eps[:, t:t + 1])
             samples.append(z)
         return torch.cat(samples, dim=1)
 
@@ -734,7 +738,8 @@ class CDSVAE(nn.Module):
             self.pair_critic = PairCritic(cfg)
         if cfg.learned_critics:
             self.register_buffer("club_step", torch.zeros((), dtype=torch.long))   # steps trained
-        self.fitted_prior: Optional[Mixture] = None   # ours: a density of s fitted ex post (fit_static_prior)
+        self.fitted_prior: Optional[Mixture] = None        # ours: densities fitted ex post (fit_priors),
+        self.fitted_first_step: Optional[Mixture] = None   # of s and of z_1
 
     def encode_frames(self, x):
         """Frame features (B, T, F): every frame is encoded on its own."""
@@ -1090,24 +1095,41 @@ def static_prior_name(model: CDSVAE) -> str:
     return "N(0, I) (eq. 1)"
 
 
+def dynamic_prior_name(model: CDSVAE) -> str:
+    """Where ``sample_dynamic`` draws z_1:T from, in words."""
+    if model.fitted_first_step is not None:
+        return (f"p(z_t | z_<t) (eq. 1), z_1 from a mixture of {len(model.fitted_first_step.logits)} fitted ex post "
+                "(ours, cdsvae fit-prior)")
+    return "p(z_t | z_<t) (eq. 1)"
+
+
 @torch.no_grad()
-def fit_static_prior(model: CDSVAE, sequences: np.ndarray, components: int, device, seed: int = 0,
-                     progress: Optional[Callable[[int], None]] = None) -> Mixture:
-    """Ours, not the paper's: a density of s fitted ex post (Ghosh et al., 2020), a mixture of
-    ``components`` diagonal Gaussians fitted by EM to the encoder's posterior means of s of
-    ``sequences`` (the training split); with glyphs, to each glyph's part of them. The training
-    sequences' s form clusters that N(0, I) covers unevenly, and many of its draws fall between
-    them (bench/RESULTS.md, thirty-first session); ``cdsvae fit-prior`` stores the mixture in the
-    checkpoint and ``sample_static`` then draws s from it. Training's p(s) is unchanged."""
-    means = torch.as_tensor(encode_split(model, sequences, device, sample=False, refine_steps=0, progress=progress)[0])
-    return fit_mixture(means.view(len(means) * model.cfg.static_parts, -1), components, seed=seed)
+def fit_priors(model: CDSVAE, sequences: np.ndarray, components: int, device, seed: int = 0,
+               progress: Optional[Callable[[int], None]] = None, first_step: bool = True) -> tuple:
+    """Ours, not the paper's: densities fitted ex post (Ghosh et al., 2020), mixtures of
+    ``components`` diagonal Gaussians fitted by EM to the encoder's posterior means of
+    ``sequences`` (the training split): of s (with glyphs, of each glyph's part of it), and of z_1.
+    The training sequences' s form clusters that N(0, I) covers unevenly, and many of its draws
+    fall between them (bench/RESULTS.md, thirty-first session); so do the draws of the one
+    Gaussian p(z_1) between the first frames' poses (thirty-fourth session). ``cdsvae fit-prior``
+    stores both in the checkpoint; ``sample_static`` then draws s from the first, ``sample_dynamic``
+    z_1 from the second and z_2:T from p(z_t | z_<t) as before. Training's priors are unchanged.
+    Without ``first_step`` the second is None (p(z_1) kept)."""
+    static, dynamic = encode_split(model, sequences, device, sample=False, refine_steps=0, progress=progress)
+    static = torch.as_tensor(static)
+    return (fit_mixture(static.view(len(static) * model.cfg.static_parts, -1), components, seed=seed),
+            fit_mixture(torch.as_tensor(dynamic[:, 0]), components, seed=seed) if first_step else None)
 
 
 @torch.no_grad()
 def sample_dynamic(model: CDSVAE, batch: int, frames: int, generator=None, device=None):
-    """z_1:T ~ p(z_t | z_<t), eq. (1), the prior fed its own samples."""
+    """z_1:T ~ p(z_t | z_<t), eq. (1), the prior fed its own samples; after ``cdsvae fit-prior``
+    (ours) z_1 from the mixture fitted ex post to the posterior's z_1."""
     eps = torch.randn(batch, frames, model.cfg.dynamic_dim, generator=generator, device=device)
-    return model.dynamic_prior.sample(batch, frames, eps)
+    first = None
+    if model.fitted_first_step is not None:
+        first = mixture_sample(model.fitted_first_step, 1, batch, generator, device)
+    return model.dynamic_prior.sample(batch, frames, eps, first)
 
 
 @torch.no_grad()
@@ -1463,7 +1485,9 @@ SCALES = {
     # estimate weighed 10 (ours: its classifier sees what CLUB's Gaussian misses, and s_dynamic
     # fell from 0.437 / 0.375 to 0.274 / 0.248 with two seeds), and with both critics the paper's
     # alpha 1 back on KL_z, KL_s kept at 0.6 (s fixed and z drawn from the prior, the skin's
-    # validation score ahead of every 25-minute run without it at 7000 and 8000 steps), and the
+    # validation score ahead of every 25-minute run without it at 7000 and 8000 steps), then at 0.8
+    # (s keeps less of the action: probe s_dynamic 0.208 against 0.280 in an hour, seed 1; the skin
+    # it costs, cdsvae fit-prior's z_1 gives back: 98.0% with s fixed), and the
     # learning rate cooled down by a cosine over the last 30% of the run (ours: the weights settle
     # at the end instead of stopping in one of the skin's dips; 25 minutes: skin 96.2 against 93.3%); SM-MNIST
     # takes alpha 0.1 (the KL nearly free: s holds more of the digits) and, ours, two glyphs placed by
@@ -1480,7 +1504,7 @@ SCALES = {
     # of 60 minutes). MUG and your own videos follow Sprites without the mirror, the critics,
     # alpha 1 on KL_z and the cool-down, with beta 10 (untested on MUG: it is licensed and absent here).
     "cpu": {"sprites": dict(CPU_VIDEO_WITHOUT_FLIP, content_flip=True, beta=20.0, club=10.0,
-                       pair_critic=10.0, club_start=2000, alpha=1.0, alpha_static=0.6, epochs=300,
+                       pair_critic=10.0, club_start=2000, alpha=1.0, alpha_static=0.8, epochs=300,
                        lr_schedule="cosine", decay_fraction=0.3),
             "mug": CPU_VIDEO_WITHOUT_FLIP,
             "frames": CPU_VIDEO_WITHOUT_FLIP,
@@ -2150,37 +2174,46 @@ def read_checkpoint(path, device="cpu") -> dict:
     try:
         payload["config"] = config_from_dict(payload["config"])
         _check_weights(lambda: CDSVAE(payload["config"]), payload["state_dict"])
-        if "fitted_prior" in payload:
-            payload["fitted_prior"] = _checked_mixture(payload["fitted_prior"], payload["config"])
+        cfg = payload["config"]
+        widths = {"fitted_prior": cfg.static_dim // cfg.static_parts, "fitted_first_step": cfg.dynamic_dim}
+        for key, width in widths.items():
+            if key in payload:
+                payload[key] = _checked_mixture(payload[key], key, width)
     except (KeyError, TypeError, ValueError, RuntimeError, OverflowError) as error:
         raise UserError(f"{path}: cdsvae checkpoint with a bad config or weights ({_reason(error)})") from None
     return payload
 
 
-def _checked_mixture(values, cfg: Config) -> Mixture:
-    """A checkpoint's fitted prior (``cdsvae fit-prior``) as a Mixture over s's parts (ValueError
-    unless its shapes fit the config's s and it is finite)."""
+def _checked_mixture(values, key: str, width: int) -> Mixture:
+    """A checkpoint's fitted prior (``cdsvae fit-prior``: ``key`` fitted_prior over s's parts,
+    fitted_first_step over z_1) as a Mixture (ValueError unless it is finite and its components
+    are ``width`` wide)."""
     if not isinstance(values, dict) or set(values) != set(Mixture._fields) or \
             not all(isinstance(values[name], torch.Tensor) for name in Mixture._fields):
-        raise ValueError("fitted_prior is not a dict of means, logvars and logits")
+        raise ValueError(f"{key} is not a dict of means, logvars and logits")
     mixture = Mixture(*(values[name].float() for name in Mixture._fields))
-    components, width = len(mixture.logits), cfg.static_dim // cfg.static_parts
+    components = len(mixture.logits)
     if components < 1 or mixture.logits.shape != (components,) or \
             mixture.means.shape != (components, width) or mixture.logvars.shape != (components, width):
-        raise ValueError(f"fitted_prior's shapes do not fit s ({components} components of {width})")
+        raise ValueError(f"{key}'s shapes do not fit {'s' if key == 'fitted_prior' else 'z_1'} "
+                         f"({components} components of {width})")
     if not all(torch.isfinite(t).all() for t in mixture):
-        raise ValueError("non-finite fitted_prior")
+        raise ValueError(f"non-finite {key}")
     return mixture
 
 
-def write_fitted_prior(path: Path, mixture: Optional[Mixture]) -> None:
-    """Stores ``mixture`` as the fitted prior of the checkpoint at ``path`` (None: removes it);
-    everything else in the checkpoint stays as it is (a resumed run writes last.pt without it)."""
+def write_fitted_priors(path: Path, mixtures: Optional[tuple]) -> None:
+    """Stores ``mixtures`` (of s, of z_1 or None: ``fit_priors``) as the fitted priors of the checkpoint at
+    ``path`` (None: removes them); everything else in the checkpoint stays as it is (a resumed run
+    writes last.pt without them)."""
     payload = read_checkpoint(path)
     payload["config"] = asdict(payload["config"])
-    payload.pop("fitted_prior", None)
-    if mixture is not None:
-        payload["fitted_prior"] = {name: value.detach().cpu() for name, value in mixture._asdict().items()}
+    for key in ("fitted_prior", "fitted_first_step"):
+        payload.pop(key, None)
+    if mixtures is not None:
+        for key, mixture in zip(("fitted_prior", "fitted_first_step"), mixtures):
+            if mixture is not None:
+                payload[key] = {name: value.detach().cpu() for name, value in mixture._asdict().items()}
     atomic_save(payload, Path(path))
 
 
@@ -2190,8 +2223,9 @@ def load_checkpoint(path, device="cpu") -> CDSVAE:
     payload = read_checkpoint(path, device)
     model = CDSVAE(payload["config"])
     model.load_state_dict(payload["state_dict"])
-    if "fitted_prior" in payload:
-        model.fitted_prior = Mixture(*(t.to(device) for t in payload["fitted_prior"]))
+    for key in ("fitted_prior", "fitted_first_step"):
+        if key in payload:
+            setattr(model, key, Mixture(*(t.to(device) for t in payload[key])))
     words = [str(path)]
     if "step" in payload:
         words.append(f"step {payload['step']}")
@@ -3246,12 +3280,13 @@ def eval_command(
         report["checkpoint"] = model.description
         report["refine_steps"] = model.cfg.refine_steps
         report["static_prior"] = static_prior_name(model)
+        report["dynamic_prior"] = dynamic_prior_name(model)
         if "speaker" in dataset.kinds and not model.cfg.is_video:
             report["speaker_verification"] = speaker_verification(model, dataset, resolved)
         if output is not None:
             output.parent.mkdir(parents=True, exist_ok=True)
             output.write_text(json.dumps(report, indent=2) + "\n")
-    typer.echo(f"scored {report['checkpoint']}; s drawn from {report['static_prior']}")
+    typer.echo(f"scored {report['checkpoint']}; s drawn from {report['static_prior']}, z from {report['dynamic_prior']}")
     typer.echo(evaluation_table(report))
     if "eer_s" in report.get("speaker_verification", {}):
         sv = report["speaker_verification"]
@@ -3261,39 +3296,44 @@ def eval_command(
 @app.command("fit-prior")
 def fit_prior_command(
     ckpt: Optional[Path] = typer.Option(None, help=CKPT_HELP),
-    components: int = typer.Option(200, help="Gaussians in the mixture (0: remove a fitted prior; s is drawn from the model's own p(s) again)."),
+    components: int = typer.Option(200, help="Gaussians in each mixture (0: remove the fitted priors; s and z are drawn from the model's own priors again)."),
     data: Optional[str] = typer.Option(None, help="The dataset the model was trained on (default: shapes, or the prepared folder's)."),
     data_dir: Optional[Path] = typer.Option(None, help="Its folder, as given to train."),
     seed: int = typer.Option(0, help="Seed of the fit's start."),
+    first_step: bool = typer.Option(True, "--first-step/--no-first-step", help="Fit z_1's mixture too (--no-first-step: s's only, z_1 drawn from the model's p(z_1))."),
     device: str = typer.Option(default_device()),
 ):
-    """Ours, not the paper's: fit a mixture of diagonal Gaussians to the posterior means of s of
-    the training split and store it in the checkpoint; sample, generate and eval (its
-    fixed-dynamic and sampled protocols) then draw s from it instead of p(s). Training is unchanged."""
+    """Ours, not the paper's: fit mixtures of diagonal Gaussians to the posterior means of s and
+    of z_1 of the training split and store them in the checkpoint; sample, generate and eval then
+    draw s from the first instead of p(s), and z_1 from the second instead of p(z_1) (z_2:T from
+    p(z_t | z_<t) as before). Training is unchanged."""
     with user_errors():
         expect_at_least("--components", components, 0)
         resolved = _check_device(device)
         path = ckpt if ckpt is not None else newest_checkpoint()
         model = load_model(path, resolved)
-        mixture = None
+        mixtures = None
         if components:
             dataset = load_dataset(data, str(data_dir) if data_dir else None, model.cfg.frame_shape[-1], model.cfg.seed)
             if tuple(dataset.frame_shape) != tuple(model.cfg.frame_shape):
                 raise UserError(f"frames {dataset.frame_shape} of the data, {model.cfg.frame_shape} of the model; "
                                 "expected the same (--data and --data-dir as the model was trained with)")
-            points = len(dataset.train.sequences) * model.cfg.static_parts
+            points = len(dataset.train.sequences) * (1 if first_step else model.cfg.static_parts)   # z_1's; s's parts
             if points < components:
                 raise UserError(f"--components {components}: expected at most the {points} points to fit")
             with _progress(True) as progress:
                 task = progress.add_task("encode", total=len(dataset.train.sequences), terms="training sequences")
-                mixture = fit_static_prior(model, dataset.train.sequences, components, resolved, seed,
-                                           progress=lambda n: progress.advance(task, n))
-        write_fitted_prior(path, mixture)
-    if mixture is None:
-        typer.echo(f"removed the fitted prior of {path}: s is drawn from the model's p(s) again")
+                mixtures = fit_priors(model, dataset.train.sequences, components, resolved, seed,
+                                      progress=lambda n: progress.advance(task, n), first_step=first_step)
+        write_fitted_priors(path, mixtures)
+    if mixtures is None:
+        typer.echo(f"removed the fitted priors of {path}: s and z are drawn from the model's priors again")
     else:
-        typer.echo(f"fitted a mixture of {components} to the s of {len(dataset.train.sequences)} training sequences"
-                   f"; wrote it into {path}: sample, generate and eval now draw s from it")
+        count = len(dataset.train.sequences)
+        typer.echo(f"fitted mixtures of {components} to the s and the z_1 of {count} training sequences; wrote them into "
+                   f"{path}: sample, generate and eval now draw s and z_1 from them" if first_step else
+                   f"fitted a mixture of {components} to the s of {count} training sequences; wrote it into {path}: "
+                   "sample, generate and eval now draw s from it")
 
 
 @app.command("encode")

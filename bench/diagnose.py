@@ -13,8 +13,9 @@ For a checkpoint, a batch of training sequences and (optionally) a judge:
   (e.g. the direction of "walk-left"), or nothing: a static factor learned together with a
   dynamic part held in s goes wrong where z draws another one (bench/RESULTS.md, ninth session).
   And with s fixed, how often it is judged right per z source (the sequence's own posterior,
-  another sequence's, the prior) and per class: where the prior's trajectories, not s, draw it
-  wrong (bench/RESULTS.md, fifteenth session).
+  another sequence's, the prior, and the prior going on from another sequence's z_1) and per
+  class: where the prior's trajectories, not s, draw it wrong (bench/RESULTS.md, fifteenth
+  session), and whether its first step does (thirty-fourth session).
 
     python bench/diagnose.py --ckpt RUN/last.pt --data-dir SPRITES32 --judge judge.pt
 """
@@ -145,13 +146,15 @@ def accuracy_by_class(judged: np.ndarray, truth: np.ndarray, class_names) -> dic
 
 @torch.no_grad()
 def static_by_dynamic_source(model, judge, data, factor: str, seed: int = 0) -> dict:
-    """s of each test sequence (posterior mean) decoded with z_1:T from three sources: the
+    """s of each test sequence (posterior mean) decoded with z_1:T from four sources: the
     sequence's own posterior (means: its reconstruction), another sequence's (the swaps of
-    ``cdsvae eval``) and the prior (its fixed-static generations); the last two are the first
-    round of ``cdsvae eval --seed seed`` (its fixed-dynamic generations, unused here, are made
-    all the same: they come first from the random stream). Per source, ``factor`` judged right,
-    overall and per class: a static factor drawn right from real trajectories and wrong from the
-    prior's is the decoder's or the prior's, not s's (bench/RESULTS.md, fifteenth session)."""
+    ``cdsvae eval``), the prior (its fixed-static generations; the model's own p(z_t | z_<t), or
+    z_1 from the mixture ``cdsvae fit-prior`` stored) and p(z_t | z_<t) fed another sequence's z_1
+    (posterior mean) in place of its first draw; the second and third are the first round of
+    ``cdsvae eval --seed seed``. Per source, ``factor`` judged right, overall and per class: a
+    static factor drawn right from real trajectories and wrong from the prior's is the decoder's or
+    the prior's, not s's (bench/RESULTS.md, fifteenth session); right again from the prior that
+    starts from a real z_1, it is the prior's first step (thirty-fourth session)."""
     truth = np.asarray(data.test.labels[factor])
     static, dynamic = cdsvae.encode_split(model, data.test.sequences, "cpu", sample=False)
     _, judged = cdsvae.judged_generations(model, judge, static, dynamic, "cpu", seed)
@@ -160,8 +163,19 @@ def static_by_dynamic_source(model, judge, data, factor: str, seed: int = 0) -> 
         encoding = model.encode(cdsvae.to_frames(data.test.sequences[start:start + 256], "cpu"))
         frames = model.decode(encoding.static_mean, encoding.dynamic_mean, encoding.glyph_order)
         own.append(cdsvae.judge_probabilities(judge, frames)[factor].argmax(1))
+    generator = torch.Generator().manual_seed(seed)
+    other = torch.randperm(len(truth), generator=generator)
+    eps = torch.randn(dynamic.shape, generator=generator)
+    from_real_first = []
+    for start in range(0, len(truth), 256):
+        batch = slice(start, start + 256)
+        trajectory = model.dynamic_prior.sample(len(eps[batch]), dynamic.shape[1], eps[batch],
+                                                torch.as_tensor(dynamic[other[batch], 0]))
+        frames = model.decode(torch.as_tensor(static[batch]), trajectory)
+        from_real_first.append(cdsvae.judge_probabilities(judge, frames)[factor].argmax(1))
     sources = {"own posterior": np.concatenate(own), "another sequence's posterior": judged["swap"][factor].argmax(1),
-               "prior": judged["fixed_static"][factor].argmax(1)}
+               "prior": judged["fixed_static"][factor].argmax(1),
+               "prior from another sequence's z_1": np.concatenate(from_real_first)}
     return {name: accuracy_by_class(judged_class, truth, data.classes[factor])
             for name, judged_class in sources.items()}
 

@@ -10,7 +10,7 @@ scores, with a judge, sequences whose z_1:T comes from its prior and whose s com
 - ``prior at t``: N(0, t^2 I), the paper's prior drawn cooler (``--temperatures``);
 - ``fitted K``: a mixture of K diagonal Gaussians fitted ex post to the posterior means of s of
   the training split (Ghosh et al. 2020's ex-post density estimation), as ``cdsvae fit-prior``
-  fits it (``cdsvae.fit_static_prior``: with glyphs, to each glyph's part of s); K 1 is a single
+  fits it (``cdsvae.fit_priors``: with glyphs, to each glyph's part of s); K 1 is a single
   Gaussian with the means' own mean and spread.
 
 Per static and dynamic factor: IS, H(y|x), H(y) of the judge's predictions, and the share of
@@ -62,7 +62,7 @@ def prior_draws(model, judge, train_sequences, count: int, components, seed: int
     decoded draws (z_1:T from its prior) and, for video, their horizontal travel."""
     model.eval()
     sources = {"prior": ("prior", None), **{f"prior at {t:g}": ("cooler", float(t)) for t in temperatures}}
-    sources.update({f"fitted {k}": ("fitted", cdsvae.fit_static_prior(model, train_sequences, k, "cpu", seed))
+    sources.update({f"fitted {k}": ("fitted", cdsvae.fit_priors(model, train_sequences, k, "cpu", seed)[0])
                     for k in components})
     rows = {}
     for name, (kind, parameters) in sources.items():

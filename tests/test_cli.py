@@ -395,6 +395,7 @@ def test_fit_prior_stores_a_mixture_that_sample_draws_from_and_zero_removes_it(t
     model = cdsvae.load_checkpoint(checkpoint)
     with torch.no_grad():
         model.static_posterior.head.weight.mul_(300.0)          # means that differ from video to video
+        model.dynamic_posterior.head.weight.mul_(300.0)
     cdsvae.save_checkpoint(model, path, step=7)
     written = path.read_bytes()
     before = cdsvae.read_checkpoint(path)
@@ -409,6 +410,12 @@ def test_fit_prior_stores_a_mixture_that_sample_draws_from_and_zero_removes_it(t
     assert model.fitted_prior.means[0].tolist() == pytest.approx(means.mean(0).tolist(), abs=1e-5)
     assert model.fitted_prior.logvars[0].exp().tolist() == pytest.approx(means.var(0, unbiased=False).tolist(), rel=1e-3)
     assert float(model.fitted_prior.logvars.exp().min()) > 1e-3
+    with torch.no_grad():
+        first = torch.cat([model.encode(cdsvae.to_frames(videos[i:i + 16], "cpu"), refine_steps=0).dynamic_mean[:, 0]
+                           for i in range(0, 40, 16)])
+    assert model.fitted_first_step.means[0].tolist() == pytest.approx(first.mean(0).tolist(), abs=1e-5)
+    assert model.fitted_first_step.logvars[0].exp().tolist() == pytest.approx(first.var(0, unbiased=False).tolist(), rel=1e-3)
+    assert float(model.fitted_first_step.logvars.exp().min()) > 1e-3
     after = cdsvae.read_checkpoint(path)
     assert after["step"] == 7 and all(torch.equal(after["state_dict"][name], value) for name, value in before["state_dict"].items())
     assert "fit" in cdsvae.static_prior_name(model)
@@ -416,9 +423,14 @@ def test_fit_prior_stores_a_mixture_that_sample_draws_from_and_zero_removes_it(t
     assert draws.mean(0).tolist() == pytest.approx(means.mean(0).tolist(), abs=0.1 * float(means.std(0).max()) + 1e-3)
     result = run("sample", "--ckpt", path, "-n", 2, "-o", tmp_path / "s.npy")
     assert result.exit_code == 0, result.output
+    result = run("fit-prior", "--ckpt", path, "--components", 1, "--no-first-step")      # s's mixture only
+    assert result.exit_code == 0 and "the s of 40" in result.output, result.output
+    model = cdsvae.load_checkpoint(path)
+    assert model.fitted_prior is not None and model.fitted_first_step is None
     assert run("fit-prior", "--ckpt", path, "--components", 0).exit_code == 0
-    assert cdsvae.load_checkpoint(path).fitted_prior is None
-    assert "fitted_prior" not in cdsvae.read_checkpoint(path)
+    model = cdsvae.load_checkpoint(path)
+    assert model.fitted_prior is None and model.fitted_first_step is None
+    assert not {"fitted_prior", "fitted_first_step"} & set(cdsvae.read_checkpoint(path))
 
 
 def test_a_checkpoint_whose_fitted_prior_does_not_fit_s_is_a_one_line_error(tmp_path, checkpoint):
@@ -427,4 +439,10 @@ def test_a_checkpoint_whose_fitted_prior_does_not_fit_s_is_a_one_line_error(tmp_
     torch.save(payload, tmp_path / "bad.pt")
     assert_user_error(run("sample", "--ckpt", tmp_path / "bad.pt", "-n", 1, "-o", tmp_path / "out" / "s.npy"),
                       "fitted_prior", "3 components of 6")
+    assert not (tmp_path / "out").exists()
+    del payload["fitted_prior"]
+    payload["fitted_first_step"] = {"means": torch.zeros(3, 5), "logvars": torch.zeros(3, 5), "logits": torch.zeros(3)}
+    torch.save(payload, tmp_path / "bad.pt")
+    assert_user_error(run("sample", "--ckpt", tmp_path / "bad.pt", "-n", 1, "-o", tmp_path / "out" / "s.npy"),
+                      "fitted_first_step's shapes do not fit z_1", "3 components of 3")
     assert not (tmp_path / "out").exists()

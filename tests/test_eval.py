@@ -120,6 +120,13 @@ def test_judge_learns_the_shapes_factors_and_eval_reports_the_protocol(tmp_path)
     for key, metrics in single["results"].items():
         assert (fitted["results"][key] == metrics) != key.startswith("fixed_dynamic/"), key
     assert fitted["all_static"] == single["all_static"]
+    # z_1 from a fitted mixture: the fixed-static generations change, the rest stays
+    model.fitted_prior = None
+    model.fitted_first_step = cdsvae.Mixture(means=torch.full((2, cfg.dynamic_dim), 3.0),
+                                             logvars=torch.zeros(2, cfg.dynamic_dim), logits=torch.zeros(2))
+    fitted = cdsvae.evaluate(model, judge, data, "cpu", repeat=1, sampled=False)
+    for key, metrics in single["results"].items():
+        assert (fitted["results"][key] == metrics) != key.startswith("fixed_static/"), key
 
 
 def test_sampled_protocol_scores_what_the_priors_draw(monkeypatch):

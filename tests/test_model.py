@@ -227,6 +227,31 @@ def test_prior_teacher_forcing_agrees_with_step_by_step_generation():
     assert torch.allclose(trajectory, mean + torch.exp(0.5 * logvar) * eps, atol=1e-5)
 
 
+def test_with_a_fitted_first_step_z1_comes_from_the_mixture_and_the_prior_goes_on_from_it():
+    """After ``cdsvae fit-prior`` (ours) ``sample_dynamic`` draws z_1 from the fitted mixture (here
+    two narrow components at +3 and -3) and z_2:T from p(z_t | z_<t) fed that z_1: checked against
+    the prior teacher-forced on the drawn trajectory, with the noise the same generator gave first."""
+    torch.manual_seed(0)
+    model = cdsvae.CDSVAE(small_config()).eval()
+    dz = model.cfg.dynamic_dim
+    model.fitted_first_step = cdsvae.Mixture(means=torch.tensor([[3.0] * dz, [-3.0] * dz]),
+                                             logvars=torch.full((2, dz), -20.0), logits=torch.zeros(2))
+    trajectory = cdsvae.sample_dynamic(model, 400, 5, torch.Generator().manual_seed(1))
+    eps = torch.randn(400, 5, dz, generator=torch.Generator().manual_seed(1))
+    first = trajectory[:, 0]
+    assert torch.allclose(first.abs(), torch.full_like(first, 3.0), atol=1e-3)
+    assert float((first[:, 0] > 0).float().mean()) == pytest.approx(0.5, abs=0.1)
+    with torch.no_grad():
+        mean, logvar = model.dynamic_prior(trajectory)
+    assert torch.allclose(trajectory[:, 1:], (mean + torch.exp(0.5 * logvar) * eps)[:, 1:], atol=1e-5)
+    assert "fitted" in cdsvae.dynamic_prior_name(model)
+    model.fitted_first_step = None
+    assert cdsvae.dynamic_prior_name(model) == "p(z_t | z_<t) (eq. 1)"
+    with torch.no_grad():
+        assert torch.equal(cdsvae.sample_dynamic(model, 400, 5, torch.Generator().manual_seed(1)),
+                           model.dynamic_prior.sample(400, 5, eps))
+
+
 def test_generation_functions_shapes_and_fixed_factors():
     torch.manual_seed(0)
     model = cdsvae.CDSVAE(small_config()).eval()
@@ -633,18 +658,22 @@ def test_the_fitted_mixture_finds_two_known_gaussians():
 
 
 def test_with_glyphs_the_fitted_prior_is_fitted_to_every_glyph_s_part_and_draws_each_part():
-    """``fit_static_prior`` (ours) with glyphs: one mixture over the parts of the encoder's means of s
-    of all the given sequences (K 1: their mean and variance), each part drawn from it."""
+    """``fit_priors`` (ours) with glyphs: one mixture over the parts of the encoder's means of s
+    of all the given sequences (K 1: their mean and variance), each part drawn from it; and one
+    over the means of z_1."""
     torch.manual_seed(0)
     cfg = cdsvae.Config(frame_shape=(1, 32, 32), frames=3, static_dim=4, dynamic_dim=2, feature_dim=8,
                         hidden_dim=8, conv_width=4, glyphs=2, likelihood="bernoulli")
     model = cdsvae.CDSVAE(cfg).eval()
     videos = (np.random.default_rng(0).random((12, 3, 32, 32, 1)) > 0.8).astype(np.uint8) * 255
-    mixture = cdsvae.fit_static_prior(model, videos, 1, "cpu")
+    mixture, first_step = cdsvae.fit_priors(model, videos, 1, "cpu")
     with torch.no_grad():
-        parts = model.encode(cdsvae.to_frames(videos, "cpu"), refine_steps=0).static_mean.reshape(24, 2)
+        encoding = model.encode(cdsvae.to_frames(videos, "cpu"), refine_steps=0)
+    parts, first = encoding.static_mean.reshape(24, 2), encoding.dynamic_mean[:, 0]
     assert mixture.means[0].tolist() == pytest.approx(parts.mean(0).tolist(), abs=1e-5)
     assert mixture.logvars[0].exp().tolist() == pytest.approx(parts.var(0, unbiased=False).clamp_min(1e-6).tolist(), rel=1e-3)
+    assert first_step.means[0].tolist() == pytest.approx(first.mean(0).tolist(), abs=1e-5)
+    assert first_step.logvars[0].exp().tolist() == pytest.approx(first.var(0, unbiased=False).clamp_min(1e-6).tolist(), rel=1e-3)
     model.fitted_prior = mixture
     assert cdsvae.sample_static(model, 5, torch.Generator().manual_seed(0)).shape == (5, 4)
     assert "fitted" in cdsvae.static_prior_name(model)
