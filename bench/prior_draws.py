@@ -62,7 +62,8 @@ def prior_draws(model, judge, train_sequences, count: int, components, seed: int
     decoded draws (z_1:T from its prior) and, for video, their horizontal travel."""
     model.eval()
     sources = {"prior": ("prior", None), **{f"prior at {t:g}": ("cooler", float(t)) for t in temperatures}}
-    sources.update({f"fitted {k}": ("fitted", cdsvae.fit_priors(model, train_sequences, k, "cpu", seed)[0])
+    sources.update({f"fitted {k}": ("fitted", cdsvae.fit_priors(model, train_sequences, k, "cpu", seed,
+                                                                       first_step=False)[0])
                     for k in components})
     rows = {}
     for name, (kind, parameters) in sources.items():
