@@ -2847,6 +2847,17 @@ def load_model(ckpt: Optional[Path], device, refine_steps: Optional[int] = None)
     return model
 
 
+def expect_same_frames(dataset: Dataset, model: CDSVAE, judge: Optional[Judge] = None) -> None:
+    """The data's frames must be the model's (and the judge's): eval, fit-prior and encode
+    --data-dir feed a prepared or generated split to a checkpoint."""
+    shapes = {"the data": dataset.frame_shape, "the model": model.cfg.frame_shape}
+    if judge is not None:
+        shapes["the judge"] = judge.cfg.frame_shape
+    if len({tuple(shape) for shape in shapes.values()}) > 1:
+        listed = ", ".join(f"{tuple(shape)} of {owner}" for owner, shape in shapes.items())
+        raise UserError(f"frames {listed}; expected the same (the dataset the model was trained on)")
+
+
 @contextlib.contextmanager
 def user_errors():
     """Bad input becomes one line on stderr and exit status 2, never a traceback; a training run
@@ -3272,10 +3283,7 @@ def eval_command(
         model = load_model(ckpt, resolved, refine_steps)
         dataset = load_dataset(data, str(data_dir) if data_dir else None, frame_size, seed)
         classifier = load_judge(judge, resolved, factors=dataset.test.labels)
-        if tuple(dataset.frame_shape) != tuple(model.cfg.frame_shape) or \
-                tuple(dataset.frame_shape) != tuple(classifier.cfg.frame_shape):
-            raise UserError(f"frames {dataset.frame_shape} of the data, {model.cfg.frame_shape} of the "
-                            f"model and {classifier.cfg.frame_shape} of the judge; expected all the same")
+        expect_same_frames(dataset, model, classifier)
         report = evaluate(model, classifier, dataset, resolved, repeat, seed)
         report["checkpoint"] = model.description
         report["refine_steps"] = model.cfg.refine_steps
@@ -3315,9 +3323,7 @@ def fit_prior_command(
         mixtures = None
         if components:
             dataset = load_dataset(data, str(data_dir) if data_dir else None, model.cfg.frame_shape[-1], model.cfg.seed)
-            if tuple(dataset.frame_shape) != tuple(model.cfg.frame_shape):
-                raise UserError(f"frames {dataset.frame_shape} of the data, {model.cfg.frame_shape} of the model; "
-                                "expected the same (--data and --data-dir as the model was trained with)")
+            expect_same_frames(dataset, model)
             points = len(dataset.train.sequences) * (1 if first_step else model.cfg.static_parts)   # z_1's; s's parts
             if points < components:
                 raise UserError(f"--components {components}: expected at most the {points} points to fit")
@@ -3368,9 +3374,7 @@ def encode_command(
             labels = None
         else:
             dataset = load_dataset(None, str(data_dir))
-            if tuple(dataset.frame_shape) != tuple(model.cfg.frame_shape):
-                raise UserError(f"{data_dir}: frames {dataset.frame_shape}, the model's {model.cfg.frame_shape}; "
-                                "expected the same")
+            expect_same_frames(dataset, model)
             arrays, labels = encode_prepared_split(model, dataset, split, samples, seed, resolved)
         output = output if output is not None else new_output_folder("encode")
         for name, array in arrays.items():

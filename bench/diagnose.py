@@ -58,18 +58,30 @@ def term_gradients(model: cdsvae.CDSVAE, x: torch.Tensor) -> dict:
     return report
 
 
+def judged_classes(judge, count: int, frames_of, batch_size: int = 256) -> dict:
+    """Per factor, the judge's class of each of ``count`` generations, made a batch at a time
+    (in order) by ``frames_of(slice)``."""
+    judged = []
+    for start in range(0, count, batch_size):
+        probabilities = cdsvae.judge_probabilities(judge, frames_of(slice(start, start + batch_size)))
+        judged.append({factor: p.argmax(1) for factor, p in probabilities.items()})
+    return {factor: np.concatenate([batch[factor] for batch in judged]) for factor in judged[0]}
+
+
+def split_frames(data, batch: slice) -> torch.Tensor:
+    """The test split's sequences ``batch`` as model input."""
+    return cdsvae.to_frames(data.test.sequences[batch], "cpu")
+
+
 @torch.no_grad()
 def fixed_dynamic_confusion(model, judge, data, factor: str, seed: int = 0) -> np.ndarray:
     truth = np.asarray(data.test.labels[factor])
     generator = torch.Generator().manual_seed(seed)
-    judged = []
-    for start in range(0, len(truth), 256):
-        x = cdsvae.to_frames(data.test.sequences[start:start + 256], "cpu")
-        frames = cdsvae.generate(model, dynamic=model.encode(x).dynamic_mean, generator=generator)
-        judged.append(cdsvae.judge_probabilities(judge, frames)[factor].argmax(1))
+    judged = judged_classes(judge, len(truth), lambda batch: cdsvae.generate(
+        model, dynamic=model.encode(split_frames(data, batch)).dynamic_mean, generator=generator))[factor]
     classes = len(data.classes[factor])
     confusion = np.zeros((classes, classes), dtype=np.int64)
-    np.add.at(confusion, (truth, np.concatenate(judged)), 1)
+    np.add.at(confusion, (truth, judged), 1)
     return confusion
 
 
@@ -79,13 +91,9 @@ def swap_judgements(model, judge, data, seed: int = 0) -> tuple:
     indices and, per factor, the judge's class of every swap."""
     count = len(data.test.sequences)
     partners = torch.randperm(count, generator=torch.Generator().manual_seed(seed)).numpy()
-    judged = []
-    for start in range(0, count, 256):
-        x = cdsvae.to_frames(data.test.sequences[start:start + 256], "cpu")
-        other = cdsvae.to_frames(data.test.sequences[partners[start:start + 256]], "cpu")
-        frames = model.decode(model.encode(x).static_mean, model.encode(other).dynamic_mean)
-        judged.append({f: p.argmax(1) for f, p in cdsvae.judge_probabilities(judge, frames).items()})
-    return partners, {f: np.concatenate([batch[f] for batch in judged]) for f in judged[0]}
+    return partners, judged_classes(judge, count, lambda batch: model.decode(
+        model.encode(split_frames(data, batch)).static_mean,
+        model.encode(cdsvae.to_frames(data.test.sequences[partners[batch]], "cpu")).dynamic_mean))
 
 
 def class_parts(class_names) -> list:
@@ -158,24 +166,24 @@ def static_by_dynamic_source(model, judge, data, factor: str, seed: int = 0) -> 
     truth = np.asarray(data.test.labels[factor])
     static, dynamic = cdsvae.encode_split(model, data.test.sequences, "cpu", sample=False)
     _, judged = cdsvae.judged_generations(model, judge, static, dynamic, "cpu", seed)
-    own = []
-    for start in range(0, len(truth), 256):
-        encoding = model.encode(cdsvae.to_frames(data.test.sequences[start:start + 256], "cpu"))
-        frames = model.decode(encoding.static_mean, encoding.dynamic_mean, encoding.glyph_order)
-        own.append(cdsvae.judge_probabilities(judge, frames)[factor].argmax(1))
+
+    def reconstruction(batch):
+        encoding = model.encode(split_frames(data, batch))
+        return model.decode(encoding.static_mean, encoding.dynamic_mean, encoding.glyph_order)
+
     generator = torch.Generator().manual_seed(seed)
     other = torch.randperm(len(truth), generator=generator)
     eps = torch.randn(dynamic.shape, generator=generator)
-    from_real_first = []
-    for start in range(0, len(truth), 256):
-        batch = slice(start, start + 256)
+
+    def prior_from_real_first(batch):
         trajectory = model.dynamic_prior.sample(len(eps[batch]), dynamic.shape[1], eps[batch],
                                                 torch.as_tensor(dynamic[other[batch], 0]))
-        frames = model.decode(torch.as_tensor(static[batch]), trajectory)
-        from_real_first.append(cdsvae.judge_probabilities(judge, frames)[factor].argmax(1))
-    sources = {"own posterior": np.concatenate(own), "another sequence's posterior": judged["swap"][factor].argmax(1),
+        return model.decode(torch.as_tensor(static[batch]), trajectory)
+
+    sources = {"own posterior": judged_classes(judge, len(truth), reconstruction)[factor],
+               "another sequence's posterior": judged["swap"][factor].argmax(1),
                "prior": judged["fixed_static"][factor].argmax(1),
-               "prior from another sequence's z_1": np.concatenate(from_real_first)}
+               "prior from another sequence's z_1": judged_classes(judge, len(truth), prior_from_real_first)[factor]}
     return {name: accuracy_by_class(judged_class, truth, data.classes[factor])
             for name, judged_class in sources.items()}
 

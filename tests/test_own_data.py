@@ -188,6 +188,26 @@ def assert_refused(result, expected: str, out: Path):
     assert not out.exists() and not list(out.parent.glob(f".{out.name}.partial-*"))
 
 
+def test_data_whose_frames_are_not_the_models_is_refused_by_eval_fit_prior_and_encode(tmp_path):
+    """One check for the three commands that feed a prepared split to a checkpoint."""
+    assert prepare_shapes(tmp_path).exit_code == 0
+    prep, ckpt = tmp_path / "prep", tmp_path / "small.pt"
+    cdsvae.save_checkpoint(cdsvae.CDSVAE(cdsvae.Config(frame_shape=(3, 16, 16), static_dim=4, dynamic_dim=2,
+                                                       feature_dim=8, hidden_dim=8, conv_width=4)), ckpt)
+    before = ckpt.read_bytes()
+    result = run("judge", "--data-dir", prep, "-o", tmp_path / "judge.pt", "--epochs", 1, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    expected = "frames (3, 32, 32) of the data, (3, 16, 16) of the model"
+    assert_refused(run("eval", "--ckpt", ckpt, "--judge", tmp_path / "judge.pt", "--data-dir", prep,
+                       "-o", tmp_path / "eval.json", "--device", "cpu"),
+                   expected + ", (3, 32, 32) of the judge; expected the same", tmp_path / "eval.json")
+    assert_refused(run("encode", "--ckpt", ckpt, "--data-dir", prep, "-o", tmp_path / "enc", "--device", "cpu"),
+                   expected + "; expected the same", tmp_path / "enc")
+    assert_refused(run("fit-prior", "--ckpt", ckpt, "--data-dir", prep, "--components", 2, "--device", "cpu"),
+                   expected + "; expected the same", tmp_path / "nothing")
+    assert ckpt.read_bytes() == before
+
+
 def test_an_unreadable_frame_is_named(tmp_path):
     shapes_tree(tmp_path / "src", count=4)
     (tmp_path / "src" / "seq2" / "3.png").write_bytes(b"not a png")
