@@ -2175,13 +2175,16 @@ def read_checkpoint(path, device="cpu") -> dict:
         payload["config"] = config_from_dict(payload["config"])
         _check_weights(lambda: CDSVAE(payload["config"]), payload["state_dict"])
         cfg = payload["config"]
-        widths = {"fitted_prior": cfg.static_dim // cfg.static_parts, "fitted_first_step": cfg.dynamic_dim}
+        widths = dict(zip(FITTED_PRIORS, (cfg.static_dim // cfg.static_parts, cfg.dynamic_dim)))
         for key, width in widths.items():
             if key in payload:
                 payload[key] = _checked_mixture(payload[key], key, width)
     except (KeyError, TypeError, ValueError, RuntimeError, OverflowError) as error:
         raise UserError(f"{path}: cdsvae checkpoint with a bad config or weights ({_reason(error)})") from None
     return payload
+
+
+FITTED_PRIORS = ("fitted_prior", "fitted_first_step")   # checkpoint keys of fit_priors' (s, z_1) mixtures
 
 
 def _checked_mixture(values, key: str, width: int) -> Mixture:
@@ -2208,10 +2211,10 @@ def write_fitted_priors(path: Path, mixtures: Optional[tuple]) -> None:
     writes last.pt without them)."""
     payload = read_checkpoint(path)
     payload["config"] = asdict(payload["config"])
-    for key in ("fitted_prior", "fitted_first_step"):
+    for key in FITTED_PRIORS:
         payload.pop(key, None)
     if mixtures is not None:
-        for key, mixture in zip(("fitted_prior", "fitted_first_step"), mixtures):
+        for key, mixture in zip(FITTED_PRIORS, mixtures):
             if mixture is not None:
                 payload[key] = {name: value.detach().cpu() for name, value in mixture._asdict().items()}
     atomic_save(payload, Path(path))
@@ -2223,7 +2226,7 @@ def load_checkpoint(path, device="cpu") -> CDSVAE:
     payload = read_checkpoint(path, device)
     model = CDSVAE(payload["config"])
     model.load_state_dict(payload["state_dict"])
-    for key in ("fitted_prior", "fitted_first_step"):
+    for key in FITTED_PRIORS:
         if key in payload:
             setattr(model, key, Mixture(*(t.to(device) for t in payload[key])))
     words = [str(path)]
