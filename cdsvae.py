@@ -1837,10 +1837,10 @@ def train_judge(data: Dataset, device, epochs: int, out: Path, seed: int = 0, ba
     return accuracy
 
 
-def load_judge(path, device="cpu", frame_shape: Optional[tuple] = None, factors=None) -> Judge:
+def load_judge(path, device="cpu", factors=None) -> Judge:
     """A judge written by ``cdsvae judge`` (``weights_only=True``: unpickling runs no code);
-    with ``frame_shape``, one that scores frames of that shape, with ``factors`` (the data's
-    label names), one whose factors are all among them (UserError otherwise)."""
+    with ``factors`` (the data's label names), one whose factors are all among them (UserError
+    otherwise). Its frames are checked against the data's by ``expect_same_frames``."""
     payload = _load_payload(path, device, JUDGE_FORMAT, "judge", "judge")
     try:
         config, classes = config_from_dict(payload["config"]), payload["classes"]
@@ -1851,9 +1851,6 @@ def load_judge(path, device="cpu", frame_shape: Optional[tuple] = None, factors=
         judge.test_accuracy = dict(payload.get("test_accuracy") or {})
     except (KeyError, TypeError, ValueError, RuntimeError, OverflowError, AttributeError) as error:
         raise UserError(f"{path}: cdsvae judge with a bad config or weights ({_reason(error)})") from None
-    if frame_shape is not None and tuple(judge.cfg.frame_shape) != tuple(frame_shape):
-        raise UserError(f"{path}: judge for frames {tuple(judge.cfg.frame_shape)}, the data has "
-                        f"{tuple(frame_shape)}; expected the same")
     if factors is not None:
         missing = [factor for factor in judge.classes if factor not in factors]
         if missing:
@@ -2175,10 +2172,10 @@ def read_checkpoint(path, device="cpu") -> dict:
         payload["config"] = config_from_dict(payload["config"])
         _check_weights(lambda: CDSVAE(payload["config"]), payload["state_dict"])
         cfg = payload["config"]
-        widths = dict(zip(FITTED_PRIORS, (cfg.static_dim // cfg.static_parts, cfg.dynamic_dim)))
-        for key, width in widths.items():
+        latents = zip(FITTED_PRIORS, ("s", "z_1"), (cfg.static_dim // cfg.static_parts, cfg.dynamic_dim))
+        for key, latent, width in latents:
             if key in payload:
-                payload[key] = _checked_mixture(payload[key], key, width)
+                payload[key] = _checked_mixture(payload[key], key, latent, width)
     except (KeyError, TypeError, ValueError, RuntimeError, OverflowError) as error:
         raise UserError(f"{path}: cdsvae checkpoint with a bad config or weights ({_reason(error)})") from None
     return payload
@@ -2187,10 +2184,10 @@ def read_checkpoint(path, device="cpu") -> dict:
 FITTED_PRIORS = ("fitted_prior", "fitted_first_step")   # checkpoint keys of fit_priors' (s, z_1) mixtures
 
 
-def _checked_mixture(values, key: str, width: int) -> Mixture:
-    """A checkpoint's fitted prior (``cdsvae fit-prior``: ``key`` fitted_prior over s's parts,
-    fitted_first_step over z_1) as a Mixture (ValueError unless it is finite and its components
-    are ``width`` wide)."""
+def _checked_mixture(values, key: str, latent: str, width: int) -> Mixture:
+    """A checkpoint's fitted prior at ``key`` (``cdsvae fit-prior``: over s's parts or over z_1,
+    named by ``latent``) as a Mixture (ValueError unless it is finite and its components are
+    ``width`` wide)."""
     if not isinstance(values, dict) or set(values) != set(Mixture._fields) or \
             not all(isinstance(values[name], torch.Tensor) for name in Mixture._fields):
         raise ValueError(f"{key} is not a dict of means, logvars and logits")
@@ -2198,7 +2195,7 @@ def _checked_mixture(values, key: str, width: int) -> Mixture:
     components = len(mixture.logits)
     if components < 1 or mixture.logits.shape != (components,) or \
             mixture.means.shape != (components, width) or mixture.logvars.shape != (components, width):
-        raise ValueError(f"{key}'s shapes do not fit {'s' if key == 'fitted_prior' else 'z_1'} "
+        raise ValueError(f"{key}'s shapes do not fit {latent} "
                          f"({components} components of {width})")
     if not all(torch.isfinite(t).all() for t in mixture):
         raise ValueError(f"non-finite {key}")
@@ -2850,15 +2847,18 @@ def load_model(ckpt: Optional[Path], device, refine_steps: Optional[int] = None)
     return model
 
 
-def expect_same_frames(dataset: Dataset, model: CDSVAE, judge: Optional[Judge] = None) -> None:
-    """The data's frames must be the model's (and the judge's): eval, fit-prior and encode
-    --data-dir feed a prepared or generated split to a checkpoint."""
-    shapes = {"the data": dataset.frame_shape, "the model": model.cfg.frame_shape}
-    if judge is not None:
-        shapes["the judge"] = judge.cfg.frame_shape
+def expect_same_frames(dataset: Dataset, model: Optional[CDSVAE] = None, judge: Optional[Judge] = None) -> None:
+    """The data's frames must be the model's and the judge's: eval, fit-prior and encode
+    --data-dir feed a prepared or generated split to a checkpoint, train --judge scores its
+    model selection with a judge."""
+    shapes = {"the data": dataset.frame_shape}
+    for owner, given in (("model", model), ("judge", judge)):
+        if given is not None:
+            shapes[f"the {owner}"] = given.cfg.frame_shape
     if len({tuple(shape) for shape in shapes.values()}) > 1:
         listed = ", ".join(f"{tuple(shape)} of {owner}" for owner, shape in shapes.items())
-        raise UserError(f"frames {listed}; expected the same (the dataset the model was trained on)")
+        trained = "model" if model is not None else "judge"
+        raise UserError(f"frames {listed}; expected the same (the dataset the {trained} was trained on)")
 
 
 @contextlib.contextmanager
@@ -3116,7 +3116,8 @@ def train_command(
         if judge is not None:
             if eval_every == 0:
                 raise UserError("--judge scores model selection; expected it with --eval-every N")
-            classifier = load_judge(judge, resolved, dataset.frame_shape, dataset.test.labels)
+            classifier = load_judge(judge, resolved, dataset.test.labels)
+            expect_same_frames(dataset, judge=classifier)
         summary = train(cfg, dataset, out, resolved, log_every, resume=resume, keep=keep,
                         max_nonfinite=max_nonfinite, sync_bn=sync_bn, precision=precision,
                         time_budget=None if time_budget is None else 60.0 * time_budget,

@@ -207,7 +207,8 @@ def main():
     try:
         model = cdsvae.load_checkpoint(args.ckpt)
         data = cdsvae.load_dataset(None, args.data_dir)
-        judge = cdsvae.load_judge(args.judge, "cpu", data.frame_shape, data.test.labels) if args.judge else None
+        judge = cdsvae.load_judge(args.judge, "cpu", data.test.labels) if args.judge else None
+        cdsvae.expect_same_frames(data, model, judge)
     except cdsvae.UserError as error:
         fail(str(error))
     for name in (args.factor, args.static_factor):

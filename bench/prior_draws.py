@@ -96,7 +96,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     model = cdsvae.load_checkpoint(args.ckpt)
     data = cdsvae.load_dataset(args.data, args.data_dir, size=model.cfg.frame_shape[-1], seed=model.cfg.seed)
-    judge = cdsvae.load_judge(args.judge, frame_shape=model.cfg.frame_shape, factors=data.kinds)
+    judge = cdsvae.load_judge(args.judge, factors=data.kinds)
+    cdsvae.expect_same_frames(data, model, judge)
     rows = prior_draws(model, judge, data.train.sequences, args.count, args.components, args.seed,
                        temperatures=args.temperatures)
     factors = list(judge.classes)

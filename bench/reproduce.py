@@ -210,7 +210,8 @@ def run(args):
         judge_path = args.judge or out / "judge.pt"
         if args.judge is None and not judge_path.is_file():
             cdsvae.train_judge(data, device, args.judge_epochs, judge_path, show_progress=not args.no_progress)
-        judge = cdsvae.load_judge(judge_path, device, data.frame_shape, data.test.labels)
+        judge = cdsvae.load_judge(judge_path, device, data.test.labels)
+        cdsvae.expect_same_frames(data, judge=judge)
         judge_info = {"path": str(judge_path), "test_accuracy": judge.test_accuracy}
 
     runs = {}

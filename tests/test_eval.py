@@ -70,10 +70,11 @@ def test_judge_learns_the_shapes_factors_and_eval_reports_the_protocol(tmp_path)
     accuracy = cdsvae.train_judge(data, "cpu", epochs=40, out=tmp_path / "judge.pt", show_progress=False)
     assert set(accuracy) == {"shape", "colour", "large_side", "direction"}
     assert accuracy["colour"] > 0.9 and accuracy["direction"] > 0.9     # easy factors, real learning
-    judge = cdsvae.load_judge(tmp_path / "judge.pt", frame_shape=(3, 16, 16))
+    judge = cdsvae.load_judge(tmp_path / "judge.pt", factors=data.test.labels)
     assert judge.kinds["direction"] == "dynamic"
-    with pytest.raises(cdsvae.UserError, match=r"judge for frames \(3, 16, 16\), the data has \(3, 32, 32\)"):
-        cdsvae.load_judge(tmp_path / "judge.pt", frame_shape=(3, 32, 32))
+    cdsvae.expect_same_frames(data, judge=judge)                          # the data it was trained on
+    with pytest.raises(cdsvae.UserError, match=r"frames \(3, 32, 32\) of the data, \(3, 16, 16\) of the judge"):
+        cdsvae.expect_same_frames(SimpleNamespace(frame_shape=(3, 32, 32)), judge=judge)
 
     torch.manual_seed(0)
     cfg = cdsvae.Config(frame_shape=(3, 16, 16), static_dim=4, dynamic_dim=2, feature_dim=8,

@@ -188,8 +188,9 @@ def assert_refused(result, expected: str, out: Path):
     assert not out.exists() and not list(out.parent.glob(f".{out.name}.partial-*"))
 
 
-def test_data_whose_frames_are_not_the_models_is_refused_by_eval_fit_prior_and_encode(tmp_path):
-    """One check for the three commands that feed a prepared split to a checkpoint."""
+def test_data_whose_frames_are_not_the_models_is_refused_by_eval_fit_prior_encode_and_train(tmp_path):
+    """One check for the three commands that feed a prepared split to a checkpoint, and for
+    train's --judge."""
     assert prepare_shapes(tmp_path).exit_code == 0
     prep, ckpt = tmp_path / "prep", tmp_path / "small.pt"
     cdsvae.save_checkpoint(cdsvae.CDSVAE(cdsvae.Config(frame_shape=(3, 16, 16), static_dim=4, dynamic_dim=2,
@@ -206,6 +207,10 @@ def test_data_whose_frames_are_not_the_models_is_refused_by_eval_fit_prior_and_e
     assert_refused(run("fit-prior", "--ckpt", ckpt, "--data-dir", prep, "--components", 2, "--device", "cpu"),
                    expected + "; expected the same", ckpt.with_name(ckpt.name + ".tmp"))
     assert ckpt.read_bytes() == before                # fit-prior writes into the checkpoint: untouched
+    assert_refused(run("train", "--data", "shapes", "--frame-size", 16, "--judge", tmp_path / "judge.pt",
+                       "--eval-every", 10, "--out", tmp_path / "run", "--device", "cpu"),
+                   "frames (3, 16, 16) of the data, (3, 32, 32) of the judge; expected the same "
+                   "(the dataset the judge was trained on)", tmp_path / "run")
 
 
 def test_an_unreadable_frame_is_named(tmp_path):
