@@ -149,7 +149,9 @@ class Config:
     glyph_distort: float = 0.0        # ours, with glyphs: > 0: I(s;x)'s content view reads each glyph's glimpses
                                       # turned, scaled and sheared (glyph_distortions, ranges times this)
     static_pool: str = "lstm"         # q(s|x_1:T) summarises the frames by the paper's "lstm" (bidirectional), or
-                                      # ours, "mean": order-free (StaticPosterior)
+                                      # ours, "mean": order-free (StaticPosterior), or "attention": order-free, a
+                                      # mean weighted by a learned score of each frame (attention_pool; with glyphs
+                                      # "lstm" is the glimpse codes' plain mean)
     glyphs: int = 0                   # ours, not the paper's: K > 0: s draws K glyphs that z_t places
                                       # (GlyphDecoder) and q(s|x, z) reads them there (GlimpseStaticPosterior)
     glyph_dynamic: bool = False       # ours, with glyphs: z_t feeds the drawing of its frame's glyphs too, not only
@@ -187,7 +189,7 @@ class Config:
     def static_order_free(self) -> bool:
         """Does q(s|x) read the frames as an unordered set (a mean over them: ``glyphs``, or
         ``static_pool`` "mean")? Then the shuffled video's s is x's own."""
-        return self.glyphs > 0 or self.static_pool == "mean"
+        return self.glyphs > 0 or self.static_pool in ("mean", "attention")
 
     @property
     def static_parts(self) -> int:
@@ -431,6 +433,24 @@ def motion_augment(x: torch.Tensor, generator=None) -> torch.Tensor:
 # 4. The model (its per-frame encoder and decoder networks: section 6)
 
 
+def attention_pool(codes, score: nn.Linear):
+    """Ours (``cfg.static_pool`` "attention"): the mean over time (dim 1) of ``codes`` (B, T, ..., W)
+    weighted by a softmax over time of a learned score of each frame's code. Order-free like the
+    plain mean, which it is at the start (``score`` starts at zero), but free to weigh down frames
+    that show little of what s holds (with glyphs: where two digits overlap)."""
+    logits = score(codes)
+    weights = torch.softmax(logits, dim=1, dtype=torch.promote_types(logits.dtype, torch.float32))
+    return (weights.to(codes.dtype) * codes).sum(1)
+
+
+def zero_score(width: int) -> nn.Linear:
+    """A linear score of a frame's code, zero at the start (``attention_pool``: the plain mean)."""
+    score = nn.Linear(width, 1)
+    nn.init.zeros_(score.weight)
+    nn.init.zeros_(score.bias)
+    return score
+
+
 class StaticPosterior(nn.Module):
     """q(s | x_1:T), eq. (2): a bidirectional LSTM over the frame features; its last forward and
     first backward states give the Gaussian's mean and log-variance.
@@ -438,11 +458,13 @@ class StaticPosterior(nn.Module):
     With ``cfg.static_pool`` "mean" (ours, not the paper's) the summary is order-free instead: each
     frame's features through a layer of their own, averaged over time, and one more layer (a
     DeepSets reading). Then s cannot depend on the frames' order at all, not even in its
-    posterior mean below the noise (the content view, frames shuffled, has x's own s)."""
+    posterior mean below the noise (the content view, frames shuffled, has x's own s). With
+    "attention" (ours) the mean over time is weighted (``attention_pool``)."""
 
     def __init__(self, cfg: Config):
         super().__init__()
-        width, self.order_free = 2 * cfg.hidden_dim, cfg.static_pool == "mean"
+        width, self.order_free = 2 * cfg.hidden_dim, cfg.static_pool in ("mean", "attention")
+        self.score = zero_score(width) if cfg.static_pool == "attention" else None
         if self.order_free:
             self.frame = nn.Sequential(nn.Linear(cfg.feature_dim, width), nn.LeakyReLU(0.2))
             self.pooled = nn.Sequential(nn.Linear(width, width), nn.LeakyReLU(0.2))
@@ -452,7 +474,8 @@ class StaticPosterior(nn.Module):
 
     def forward(self, features):                                # (B, T, F) -> 2 x (B, Ds)
         if self.order_free:                                     # ours
-            summary = self.pooled(self.frame(features).mean(dim=1))
+            frames = self.frame(features)
+            summary = self.pooled(frames.mean(dim=1) if self.score is None else attention_pool(frames, self.score))
         else:
             out, _ = self.lstm(features)
             hidden = self.lstm.hidden_size
@@ -473,7 +496,8 @@ class GlimpseStaticPosterior(nn.Module):
     order-free: the content view (frames shuffled) has the same s, and I(s;x)'s InfoNCE only
     pushes different videos' s apart (``cfg.content_half``: half the frames give another s). With
     ``cfg.explain_away`` each glimpse comes with a second image, the other glyphs as seen through
-    the same window (``CDSVAE.static_inputs``)."""
+    the same window (``CDSVAE.static_inputs``). With ``cfg.static_pool`` "attention" the mean over
+    time is weighted by a learned score of each glimpse's code (``attention_pool``)."""
 
     def __init__(self, cfg: Config, width: int = 128):
         super().__init__()
@@ -483,12 +507,14 @@ class GlimpseStaticPosterior(nn.Module):
             nn.Conv2d(channels, 32, 4, 2, 1), nn.LeakyReLU(0.2), nn.Conv2d(32, 64, 4, 2, 1),
             nn.LeakyReLU(0.2), nn.Flatten(), nn.Linear(64 * (glyph_size // 4) ** 2, width), nn.LeakyReLU(0.2))
         self.head = nn.Linear(width, 2 * cfg.static_dim // cfg.glyphs)
+        self.score = zero_score(width) if cfg.static_pool == "attention" else None
 
     def read(self, glimpses):                                   # (N, C, g, g) -> (N, width)
         return self.encoder(glimpses)
 
     def forward(self, codes):                                   # (B, T, K, width) -> 2 x (B, Ds)
-        mean, logvar = self.head(codes.mean(1)).chunk(2, dim=-1)
+        pooled = codes.mean(1) if self.score is None else attention_pool(codes, self.score)
+        mean, logvar = self.head(pooled).chunk(2, dim=-1)
         return mean.flatten(1), logvar.flatten(1)
 
 
@@ -2672,7 +2698,7 @@ def check_config(cfg: Config) -> None:
     """The choices of a config are ones this code knows (UserError naming them otherwise)."""
     allowed = {"mi": ("contrastive", "mws", "off"), "likelihood": ("gaussian", "bernoulli"),
                "lr_schedule": ("constant", "cosine"), "mi_rollout": ("sampled", "mean"),
-               "static_pool": ("lstm", "mean")}
+               "static_pool": ("lstm", "mean", "attention")}
     for name, values in allowed.items():
         if getattr(cfg, name) not in values:
             raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: expected {' or '.join(values)}")
@@ -2710,9 +2736,9 @@ def check_config(cfg: Config) -> None:
                             f"got {cfg.static_dim}")
         if cfg.content_flip:
             raise UserError("--glyphs reads s where the glyphs are drawn, which a mirror moves; expected --no-content-flip with it")
-        if cfg.static_pool != "lstm":
+        if cfg.static_pool == "mean":
             raise UserError(f"--static-pool {cfg.static_pool}: with --glyphs q(s|x, z) averages over the frames "
-                            "already; expected --static-pool lstm with it")
+                            "already; expected --static-pool lstm (the plain mean) or attention with it")
 
 
 def learning_rate(cfg: Config, step: int, total_steps: int, budget_used: float = 0.0) -> float:
@@ -3048,7 +3074,7 @@ def train_command(
     warmup_steps: Optional[int] = typer.Option(None, help="Warm-up steps of the cosine schedule."),
     decay_fraction: Optional[float] = typer.Option(None, help="Ours: the cosine schedule keeps --lr until this last fraction of the run (of --epochs or --time-budget) and decays over it (1: all of the run after the warm-up)."),
     fresh_data: Optional[bool] = typer.Option(None, help="Generated datasets (shapes, sm-mnist): new training sequences every epoch."),
-    static_pool: Optional[str] = typer.Option(None, help="q(s|x_1:T) summarises the frames by the paper's bidirectional 'lstm', or (ours) 'mean': order-free, each frame through a layer, averaged over time, one more layer (not with --glyphs; default: the preset's)."),
+    static_pool: Optional[str] = typer.Option(None, help="q(s|x_1:T) summarises the frames by the paper's bidirectional 'lstm', or (ours) 'mean': order-free, each frame through a layer, averaged over time, one more layer (not with --glyphs), or 'attention': that mean weighted by a learned score of each frame (with --glyphs: of each glimpse; there 'lstm' is the plain mean). Default: the preset's."),
     mi_rollout: Optional[str] = typer.Option(None, help="I(z;x) compares posterior-mean trajectories along 'sampled' or 'mean' (eps = 0) rollouts."),
     mi: str = typer.Option("contrastive", help="MI estimates: contrastive (eq. 7-8), mws (App. F) or off (the DSVAE baseline)."),
     content_aug: bool = typer.Option(True, help="Content augmentation for I(s;x) (off: MWS estimate)."),

@@ -280,8 +280,8 @@ def test_glyph_contrast_without_glyphs_is_a_one_line_error_and_nothing_is_writte
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--static-pool", "max"], "--static-pool max: expected lstm or mean"),
-    (["--static-pool", "mean", "--glyphs", 2], "--static-pool mean: with --glyphs q(s|x, z) averages over the frames already; expected --static-pool lstm"),
+    (["--static-pool", "max"], "--static-pool max: expected lstm or mean or attention"),
+    (["--static-pool", "mean", "--glyphs", 2], "--static-pool mean: with --glyphs q(s|x, z) averages over the frames already; expected --static-pool lstm (the plain mean) or attention"),
     (["--glyphs", 2], "--static-pool mean: with --glyphs"),      # the shapes preset's pool
 ])
 def test_a_bad_static_pool_is_a_one_line_error_and_nothing_is_written(tmp_path, args, message):

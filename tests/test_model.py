@@ -216,6 +216,38 @@ def test_order_free_static_posterior_is_a_mean_over_frames_and_ignores_their_ord
     assert not hasattr(model.static_posterior, "lstm")
 
 
+def test_attention_pool_is_a_softmax_weighted_mean_over_frames_that_starts_as_the_plain_mean():
+    """--static-pool attention (ours): sum_t softmax_t(w . c_t + b) c_t, written out here; the same
+    for every order of the frames; at the start (w, b zero) the plain mean; with glyphs the glimpse
+    posterior pools each glyph's codes over time so, and the model trains the score."""
+    torch.manual_seed(0)
+    codes = torch.randn(3, 7, 2, 5, dtype=torch.float64)            # (B, T, K, W), glyph codes
+    score = cdsvae.zero_score(5).double()
+    torch.testing.assert_close(cdsvae.attention_pool(codes, score), codes.mean(1), atol=1e-12, rtol=0)
+    with torch.no_grad():
+        score.weight.normal_()
+        score.bias.fill_(0.3)
+    for b in range(3):
+        for k in range(2):
+            logits = [float(codes[b, t, k] @ score.weight[0]) + 0.3 for t in range(7)]
+            weights = np.exp(logits) / np.exp(logits).sum()
+            direct = sum(weights[t] * codes[b, t, k].numpy() for t in range(7))
+            np.testing.assert_allclose(cdsvae.attention_pool(codes, score)[b, k].detach().numpy(), direct, atol=1e-12)
+    shuffled = cdsvae.attention_pool(codes[:, torch.randperm(7)], score)
+    torch.testing.assert_close(shuffled, cdsvae.attention_pool(codes, score), atol=1e-12, rtol=0)
+    posterior = cdsvae.GlimpseStaticPosterior(glyph_config(static_pool="attention"), width=5).double()
+    posterior.score = score
+    mean, logvar = posterior(codes)
+    direct = posterior.head(cdsvae.attention_pool(codes, score)).view(3, 2, -1)
+    torch.testing.assert_close(torch.cat([mean.view(3, 2, -1), logvar.view(3, 2, -1)], -1), direct)
+    for cfg in (glyph_config(static_pool="attention"), small_config(static_pool="attention")):
+        cdsvae.check_config(cfg)
+        model = cdsvae.CDSVAE(cfg)
+        x = torch.rand(4, 5, *cfg.frame_shape)
+        model(x)[0].backward()
+        assert model.static_posterior.score.weight.grad.abs().sum() > 0
+
+
 # --- prior and generation ---------------------------------------------------------------------
 
 def test_prior_teacher_forcing_agrees_with_step_by_step_generation():
