@@ -187,8 +187,8 @@ class Config:
 
     @property
     def static_order_free(self) -> bool:
-        """Does q(s|x) read the frames as an unordered set (a mean over them: ``glyphs``, or
-        ``static_pool`` "mean")? Then the shuffled video's s is x's own."""
+        """Does q(s|x) read the frames as an unordered set (a mean over them, plain or weighted:
+        ``glyphs``, or ``static_pool`` "mean" or "attention")? Then the shuffled video's s is x's own."""
         return self.glyphs > 0 or self.static_pool in ("mean", "attention")
 
     @property
@@ -433,11 +433,14 @@ def motion_augment(x: torch.Tensor, generator=None) -> torch.Tensor:
 # 4. The model (its per-frame encoder and decoder networks: section 6)
 
 
-def attention_pool(codes, score: nn.Linear):
-    """Ours (``cfg.static_pool`` "attention"): the mean over time (dim 1) of ``codes`` (B, T, ..., W)
-    weighted by a softmax over time of a learned score of each frame's code. Order-free like the
-    plain mean, which it is at the start (``score`` starts at zero), but free to weigh down frames
-    that show little of what s holds (with glyphs: where two digits overlap)."""
+def attention_pool(codes, score: Optional[nn.Linear]):
+    """The mean over time (dim 1) of ``codes`` (B, T, ..., W); ours, with a ``score``
+    (``cfg.static_pool`` "attention"): weighted by a softmax over time of a learned score of each
+    frame's code. Order-free like the plain mean, which it is at the start (``zero_score``), but
+    free to weigh down frames that show little of what s holds (with glyphs: where two digits
+    overlap)."""
+    if score is None:
+        return codes.mean(1)
     logits = score(codes)
     weights = torch.softmax(logits, dim=1, dtype=torch.promote_types(logits.dtype, torch.float32))
     return (weights.to(codes.dtype) * codes).sum(1)
@@ -474,8 +477,7 @@ class StaticPosterior(nn.Module):
 
     def forward(self, features):                                # (B, T, F) -> 2 x (B, Ds)
         if self.order_free:                                     # ours
-            frames = self.frame(features)
-            summary = self.pooled(frames.mean(dim=1) if self.score is None else attention_pool(frames, self.score))
+            summary = self.pooled(attention_pool(self.frame(features), self.score))
         else:
             out, _ = self.lstm(features)
             hidden = self.lstm.hidden_size
@@ -513,8 +515,7 @@ class GlimpseStaticPosterior(nn.Module):
         return self.encoder(glimpses)
 
     def forward(self, codes):                                   # (B, T, K, width) -> 2 x (B, Ds)
-        pooled = codes.mean(1) if self.score is None else attention_pool(codes, self.score)
-        mean, logvar = self.head(pooled).chunk(2, dim=-1)
+        mean, logvar = self.head(attention_pool(codes, self.score)).chunk(2, dim=-1)
         return mean.flatten(1), logvar.flatten(1)
 
 
