@@ -136,6 +136,8 @@ class Config:
     club: float = 0.0                 # ours, not the paper's: weight of a CLUB estimate of I(z;s), 0: off
     pair_critic: float = 0.0          # ours, not the paper's: weight of a density-ratio estimate of I(z;s), 0: off
     club_start: int = 2000            # steps before the CLUB and pair-critic weights ramp in (linearly, over club_start / 2)
+    critic_grad: str = "both"         # ours: the CLUB and pair-critic estimates' gradients reach "both" encoders, or
+                                      # "static": q(s|x) alone (z as a fixed input: s pays for what z tells)
     likelihood: str = "gaussian"      # p(x_t|z_t,s): "gaussian" (squared error) or "bernoulli" (BCE)
     tau: float = 0.5                  # temperature of the contrastive estimate, eq. (7)
     mi: str = "contrastive"           # "contrastive" (eq. 7-8), "mws" (App. F), "off" (DSVAE)
@@ -869,20 +871,23 @@ class CDSVAE(nn.Module):
         losses that train the critics on the same samples, detached. ``cfg.club > 0``: the CLUB
         estimate and q(s | z_1:T)'s negative log-likelihood; ``cfg.pair_critic > 0``: the
         density-ratio estimate and the pair classifier's logistic loss (the batch's own pairs
-        against s_i with z_(i-1)). In fp32 also under bf16 autocast. In training mode each call
+        against s_i with z_(i-1)). With ``cfg.critic_grad`` "static" the estimates' gradients reach
+        q(s|x) alone, z a fixed input: s pays for what z tells, and z cannot lower the estimates by
+        dropping what s also holds. In fp32 also under bf16 autocast. In training mode each call
         counts one step (``critic_weight``)."""
         if self.training:
             self.club_step += 1
         terms = {}
         with torch.autocast(posterior.static.device.type, enabled=False):
             static, dynamic = posterior.static.float(), posterior.dynamic.float()
+            critic_dynamic = dynamic.detach() if self.cfg.critic_grad == "static" else dynamic
             if self.cfg.club > 0:
-                mean, logvar = call_frozen(self.static_from_dynamic, dynamic)
+                mean, logvar = call_frozen(self.static_from_dynamic, critic_dynamic)
                 mean_fit, logvar_fit = self.static_from_dynamic(dynamic.detach())
                 terms["mi_zs_club"] = club_mi(static, mean, logvar)
                 terms["club_nll"] = -log_gaussian(static.detach(), mean_fit, logvar_fit).sum(-1).mean()
             if self.cfg.pair_critic > 0:
-                terms["mi_zs_ratio"] = density_ratio_mi(call_frozen(self.pair_critic, static, dynamic))
+                terms["mi_zs_ratio"] = density_ratio_mi(call_frozen(self.pair_critic, static, critic_dynamic))
                 static_fit, dynamic_fit = static.detach(), dynamic.detach()
                 joint = self.pair_critic(static_fit, dynamic_fit)
                 mismatched = self.pair_critic(static_fit, dynamic_fit.roll(1, dims=0))
@@ -2699,7 +2704,7 @@ def check_config(cfg: Config) -> None:
     """The choices of a config are ones this code knows (UserError naming them otherwise)."""
     allowed = {"mi": ("contrastive", "mws", "off"), "likelihood": ("gaussian", "bernoulli"),
                "lr_schedule": ("constant", "cosine"), "mi_rollout": ("sampled", "mean"),
-               "static_pool": ("lstm", "mean", "attention")}
+               "static_pool": ("lstm", "mean", "attention"), "critic_grad": ("both", "static")}
     for name, values in allowed.items():
         if getattr(cfg, name) not in values:
             raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: expected {' or '.join(values)}")
@@ -3063,6 +3068,7 @@ def train_command(
     club: Optional[float] = typer.Option(None, help="Ours, not the paper's: weight of a CLUB estimate of I(z;s) beside gamma's MWS one (0: off; default: the preset's): s pays for what z tells about it."),
     pair_critic: Optional[float] = typer.Option(None, help="Ours, not the paper's: weight of a density-ratio estimate of I(z;s) (a classifier of (s, z) pairs from one sequence against pairs from two; 0: off; default: the preset's)."),
     club_start: Optional[int] = typer.Option(None, help="Steps before the --club and --pair-critic weights ramp in (linearly over half as many steps again)."),
+    critic_grad: Optional[str] = typer.Option(None, help="Ours: the --club and --pair-critic estimates' gradients reach 'both' encoders, or 'static': q(s|x) alone, z a fixed input (default: the preset's)."),
     tau: Optional[float] = typer.Option(None, help="Contrastive temperature, eq. (7)."),
     static_dim: Optional[int] = typer.Option(None), dynamic_dim: Optional[int] = typer.Option(None),
     feature_dim: Optional[int] = typer.Option(None), hidden_dim: Optional[int] = typer.Option(None),
@@ -3126,7 +3132,7 @@ def train_command(
             if value is not None and (value < 0 if zero_allowed else value <= 0):
                 raise UserError(f"--{name.replace('_', '-')} must be {'non-negative' if zero_allowed else 'positive'}, got {value}")
         choices = {k: v for k, v in dict(likelihood=likelihood, lr_schedule=lr_schedule, fresh_data=fresh_data,
-                                         mi_rollout=mi_rollout, static_pool=static_pool, content_flip=content_flip, motion_grad=motion_grad,
+                                         mi_rollout=mi_rollout, static_pool=static_pool, critic_grad=critic_grad, content_flip=content_flip, motion_grad=motion_grad,
                                          explain_away=explain_away, whole_pixels=whole_pixels,
                                          content_half=content_half, glyph_contrast=glyph_contrast,
                                          glyph_distort=glyph_distort, glyph_dynamic=glyph_dynamic).items() if v is not None}

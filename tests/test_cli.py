@@ -281,10 +281,11 @@ def test_glyph_contrast_without_glyphs_is_a_one_line_error_and_nothing_is_writte
 
 @pytest.mark.parametrize("args, message", [
     (["--static-pool", "max"], "--static-pool max: expected lstm or mean or attention"),
+    (["--critic-grad", "dynamic"], "--critic-grad dynamic: expected both or static"),
     (["--static-pool", "mean", "--glyphs", 2], "--static-pool mean: with --glyphs q(s|x, z) averages over the frames already; expected --static-pool lstm (the plain mean) or attention"),
     (["--glyphs", 2], "--static-pool mean: with --glyphs"),      # the shapes preset's pool
 ])
-def test_a_bad_static_pool_is_a_one_line_error_and_nothing_is_written(tmp_path, args, message):
+def test_a_bad_static_pool_or_critic_grad_is_a_one_line_error_and_nothing_is_written(tmp_path, args, message):
     assert_user_error(run("train", *args, "--epochs", 1, "--out", tmp_path / "run"), message)
     assert not (tmp_path / "run").exists()
 
@@ -366,7 +367,7 @@ def test_scale_applies_its_settings_over_the_preset_and_flags_win_over_both(tmp_
     monkeypatch.setattr(cdsvae.CDSVAE, "refine", lambda self, x, encoding, steps: refined.append(steps) or refine(self, x, encoding, steps))
     result = run("train", "--scale", "cpu", "--hidden-dim", 8, "--epochs", 1, "--frame-size", 16,
                  "--dynamic-dim", 2, "--feature-dim", 8, "--conv-width", 4, "--batch-size", 256,
-                 "--alpha-static", 2.5, "--club", 1.5, "--pair-critic", 0.5, "--club-start", 3, "--no-motion-grad", "--refine-steps", 4, "--out", tmp_path / "run", "--device", "cpu")
+                 "--alpha-static", 2.5, "--club", 1.5, "--pair-critic", 0.5, "--club-start", 3, "--critic-grad", "static", "--no-motion-grad", "--refine-steps", 4, "--out", tmp_path / "run", "--device", "cpu")
     assert result.exit_code == 0, result.output
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert (config["static_dim"], config["hidden_dim"], config["likelihood"]) == (5, 8, "bernoulli")
@@ -374,7 +375,8 @@ def test_scale_applies_its_settings_over_the_preset_and_flags_win_over_both(tmp_
     assert config["motion_grad"] is False and config["explain_away"] is False
     assert (config["refine_steps"], config["refine_lr"]) == (4, cdsvae.Config.refine_lr)
     trained = cdsvae.load_checkpoint(tmp_path / "run" / "last.pt")
-    assert (trained.cfg.alpha_static, trained.cfg.club, trained.cfg.pair_critic, trained.cfg.club_start) == (2.5, 1.5, 0.5, 3)
+    assert (trained.cfg.alpha_static, trained.cfg.club, trained.cfg.pair_critic, trained.cfg.club_start,
+            trained.cfg.critic_grad) == (2.5, 1.5, 0.5, 3, "static")
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert int(trained.club_step) == summary["steps"]
     # the summary probes the encoder's means: the refinement is left to eval and encode

@@ -466,6 +466,31 @@ def test_club_trains_its_critic_on_detached_samples_and_its_estimate_only_the_en
     assert_critic_gradients(model, model.static_from_dynamic, terms["mi_zs_club"], terms["club_nll"])
 
 
+def test_critic_grad_static_leaves_the_estimates_and_s_gradients_as_they_are_and_takes_z_out_of_their_reach():
+    """--critic-grad static (ours): the CLUB and pair-critic estimates have the same values and
+    send the same gradients to q(s|x) as with "both", and none to q(z|x) (without glyphs, where s
+    does not read z)."""
+    x = torch.rand(5, 4, 3, 16, 16)
+    estimates = {}
+    for critic_grad in ("both", "static"):
+        torch.manual_seed(0)
+        model = small_model(club=1.0, pair_critic=1.0, club_start=0, frames=4, critic_grad=critic_grad)
+        torch.manual_seed(1)                            # the same samples and views for both
+        terms = model.objective_terms(x)
+        for name in ("mi_zs_club", "mi_zs_ratio"):
+            static = torch.autograd.grad(terms[name], list(model.static_posterior.parameters()), retain_graph=True)
+            dynamic = torch.autograd.grad(terms[name], list(model.dynamic_posterior.parameters()),
+                                          retain_graph=True, allow_unused=True)
+            estimates[critic_grad, name] = terms[name].item(), static, dynamic
+    for name in ("mi_zs_club", "mi_zs_ratio"):
+        (both, both_static, both_dynamic), (alone, static, dynamic) = estimates["both", name], estimates["static", name]
+        assert alone == pytest.approx(both, rel=1e-6)
+        assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-8) for a, b in zip(static, both_static))
+        assert any(g.abs().sum() > 0 for g in static)
+        assert all(g is None for g in dynamic)
+        assert any(g is not None and g.abs().sum() > 0 for g in both_dynamic)
+
+
 def test_club_weight_ramps_in_after_club_start_and_the_loss_adds_the_estimate_and_the_critic_likelihood():
     torch.manual_seed(0)
     model = small_model(alpha=0.7, beta=3.0, gamma=2.0, club=2.0, club_start=4, frames=4)   # ramp: 2 steps
